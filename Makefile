@@ -1,0 +1,25 @@
+# `make test` and `make demo` create .venv if missing and install effdense into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/effdense demo
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench_backbones.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
