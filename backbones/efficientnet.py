@@ -109,6 +109,18 @@ class EfficientNet(nn.Module):
         self._tap_positions = {taps[i]: all_specs[i].name for i in out_indices}
         self._last_position = max(self._tap_positions)
         self.num_features = self.stages[-1][-1].out_channels
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # The reference initialisation (TF, torchvision): conv kaiming-normal fan-out; BN 1/0.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in backward instead of storing them."""
