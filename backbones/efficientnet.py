@@ -105,6 +105,7 @@ class EfficientNet(nn.Module):
             real_stride = 2 if position < 0 else stage_strides[position]
             all_specs.append(FeatureSpec(f"s{level}", module.out_channels, real_stride))
         self.out_indices = out_indices
+        self.all_feature_info = all_specs  # every tap, whatever out_indices selects
         self.feature_info = [all_specs[i] for i in out_indices]
         self._tap_positions = {taps[i]: all_specs[i].name for i in out_indices}
         self._last_position = max(self._tap_positions)
