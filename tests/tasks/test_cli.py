@@ -1,0 +1,112 @@
+"""The effdense command line end to end on a tiny synthetic dataset (CPU, a few steps)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from tasks.cli import main
+
+DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo" / "classification.yaml")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from tasks.data.synthetic import write_classification
+
+    return write_classification(tmp_path_factory.mktemp("data") / "shapes", num_classes=4, train_per_class=8,
+                                val_per_class=4, size=32)
+
+
+def _tiny(dataset, run_dir=None):
+    sets = [f"data.root={dataset}", "data.image_size=32", "data.batch_size=8", "data.workers=0",
+            "train.epochs=1", "train.progress=false"]
+    args = []
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", DEMO, *_tiny(dataset), "--output", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_train_writes_run_directory(trained):
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "model.safetensors", "loss.png"):
+        assert (trained / name).is_file(), name
+    record = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["epoch"] == 1 and record["step"] == 4  # 32 images / batch 8
+    assert 0.0 <= record["val/top1"] <= 1.0
+
+
+def test_eval_json_last_line_and_checkpoint_forms_agree(dataset, trained, capsys):
+    results = []
+    for weights in ("last.pt", "model.safetensors"):
+        assert main(["eval", DEMO, *_tiny(dataset), "--weights", str(trained / weights), "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0] == results[1]
+    # The engine's own evaluation at the end of training saw the same weights.
+    record = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    assert results[0]["top1"] == pytest.approx(record["val/top1"])
+
+
+def test_predict_prints_topk_labels(dataset, trained, tmp_path, capsys):
+    images = sorted((Path(dataset) / "val").glob("*/*.jpg"))[:2]
+    assert main(["predict", DEMO, *_tiny(dataset), "--weights", str(trained / "model.safetensors"),
+                 *map(str, images), "--topk", "3", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "predictions.json").read_text())
+    classes = sorted(p.name for p in (Path(dataset) / "train").iterdir())
+    assert [len(item["top"]) for item in out] == [3, 3]
+    assert all(entry["label"] in classes for item in out for entry in item["top"])
+    probs = [entry["prob"] for entry in out[0]["top"]]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_unknown_key_is_one_line_error(dataset, capsys):
+    assert main(["train", DEMO, "--set", "train.epochz=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.epochz" in err
+
+
+def test_negative_lr_is_one_line_error(capsys):
+    assert main(["train", DEMO, "--set", "optim.lr=-0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optim.lr" in err
+
+
+def test_backbones_table(capsys):
+    assert main(["backbones", "efficientnet-b0", "efficientnetv2-s"]) == 0
+    out = capsys.readouterr().out
+    assert "5.29" in out and "0.39" in out and "16/24/40/112/320" in out and "21.46" in out
+    assert main(["backbones", "--phi", "2.5"]) == 0
+    assert "phi=2.5" in capsys.readouterr().out
+
+
+def test_weights_convert_torchvision_file(tmp_path):
+    from tasks.classification import build_classifier
+
+    torch.manual_seed(0)
+    peer = torchvision.models.efficientnet_b0().eval()
+    src = tmp_path / "tv_b0.pth"
+    torch.save(peer.state_dict(), src)
+    out = tmp_path / "b0.safetensors"
+    assert main(["weights", "convert", str(src), "--arch", "efficientnet-b0", "-o", str(out)]) == 0
+    ours = build_classifier("efficientnet-b0", weights=str(out)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(ours(x), peer(x), rtol=1e-4, atol=1e-5)
+
+
+def test_data_synth_and_check(tmp_path, capsys):
+    root = tmp_path / "shapes"
+    assert main(["data", "synth", "classification", str(root), "--classes", "3", "--train-per-class", "4",
+                 "--val-per-class", "2", "--size", "32"]) == 0
+    victim = sorted((root / "train").glob("*/*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated JPEG
+    assert main(["data", "check", DEMO, "--set", f"data.root={root}", "--set", "model.num_classes=3"]) == 1
+    out = capsys.readouterr().out
+    assert victim.name in out and "1 problem" in out
