@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_backbones.py
+	$(BIN)/python tools/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
