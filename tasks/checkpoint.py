@@ -1,0 +1,221 @@
+"""Checkpoint files: atomic writes, RNG state capture/restore, and loading with ``weights_only=True``.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so ``torch.load(...,
+weights_only=True)`` reads it back (no pickled numpy arrays or Python objects). Every file goes to a
+temporary name in the same directory first, is flushed and fsync'ed, then renamed over the target
+with ``os.replace`` (atomic on POSIX) and the directory is fsync'ed: a process killed at any moment
+leaves either the previous complete file or the new complete file, never a torn one. Temporary files
+are named ``.<target>.tmp-<random>`` so nothing ever mistakes one for the target.
+
+Resume is exact: the data order of an epoch is a function of (seed, epoch) (``set_epoch`` on the
+sampler, the loader's generator re-seeded with seed + epoch); a mid-epoch checkpoint holds each
+rank's RNG states at the epoch start and after the last step, so the resumed run rebuilds the epoch's
+iterator from the former, replays (loads and discards) the consumed batches — keeping DataLoader
+workers' random streams in step — then continues from the latter. Exactness with ``num_workers > 0``
+needs ``persistent_workers=False`` (persistent workers carry their RNG across epochs) and, on CUDA,
+``train.deterministic`` (cuDNN autotuning may pick different kernels in a new process).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+import torch
+
+TEMP_MARKER = ".tmp-"
+FORMAT = "effdense-checkpoint-v1"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms/filesystems cannot open a directory; the rename still happened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync it, and rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy ``source`` to ``target`` with the same all-or-nothing guarantee as ``atomic_write``."""
+    with open(source, "rb") as src:
+        return atomic_write(target, lambda dst: shutil.copyfileobj(src, dst, 16 << 20))
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete temp files left by a writer that was killed mid-write; returns what was removed."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if entry.name.startswith(".") and TEMP_MARKER in entry.name and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` (a dict readable with ``weights_only=True``) atomically to ``path``."""
+    return atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; a missing or damaged file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a last.pt or best.pt "
+                                f"written by a training run")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for damaged or foreign files
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"checkpoint {path} cannot be read ({first_line}); it is damaged or was not "
+                         f"written by effdense — resume from another checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} is not an effdense training checkpoint (no format "
+                         f"'{FORMAT}'); pass a last.pt or best.pt from a run directory")
+    return state
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` to a ``.safetensors`` file atomically (contiguous CPU copies, no shared storage)."""
+    from safetensors.torch import save
+
+    plain = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    payload = save(plain, metadata=metadata)
+    return atomic_write(path, lambda handle: handle.write(payload))
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every global RNG the training loop touches, as tensors/ints/floats (``weights_only``-safe)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(np_kind), "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss_next},
+        "cuda": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state`` (CUDA states are restored for the devices both runs have)."""
+    torch.set_rng_state(state["torch"].cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(int(v) for v in python_state["internal"].tolist()),
+                     python_state["gauss_next"]))
+    cuda_states = state.get("cuda")
+    if cuda_states and torch.cuda.is_available():
+        for index, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- training state
+
+
+def training_state(*, model, ema, optimizer, scheduler, scaler, position: dict[str, int], rng: list | None,
+                   config: dict, best: dict) -> dict[str, Any]:
+    """Everything ``--resume`` needs, as one ``weights_only``-readable dict.
+
+    ``position`` holds ``epoch`` (0-based, the epoch in progress or next), ``step`` (optimizer steps
+    done), ``batch_in_epoch`` (batches of that epoch already consumed) and ``world_size``; ``rng`` has
+    one entry per rank.
+    ``net_prefix`` records where the exportable network sits inside the task model's state dict.
+    """
+    return {
+        "format": FORMAT, **position, "rng": rng, "config": config, "best": best,
+        "model": model.state_dict(), "net_prefix": "net." if hasattr(model, "net") else "",
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+
+
+def write_run_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], *, last: bool, best: bool,
+                         network: torch.nn.Module, ema: bool) -> None:
+    """``last.pt`` plus ``model.safetensors`` (``network``'s weights) and/or ``best.pt`` in ``run_dir``."""
+    run_dir = Path(run_dir)
+    if last:
+        save_checkpoint(run_dir / "last.pt", state)
+        metadata = {"epoch": str(state["epoch"]), "step": str(state["step"]), "ema": str(ema).lower()}
+        save_safetensors(run_dir / "model.safetensors", network.state_dict(), metadata=metadata)
+    if best and last:
+        atomic_copy(run_dir / "last.pt", run_dir / "best.pt")
+    elif best:
+        save_checkpoint(run_dir / "best.pt", state)
+
+
+def restore_training_state(state: dict[str, Any], path: str | os.PathLike, *, model, ema, optimizer,
+                           scheduler, scaler) -> None:
+    """Load model/EMA/optimizer/scheduler/scaler from ``state``; a mismatch is a one-line error."""
+    try:
+        model.load_state_dict(state["model"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(f"checkpoint {path} does not fit this model/optimizer ({reason}); resume with the "
+                         f"config the run was started with") from None
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+def network_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The exportable network's weights from a training checkpoint: EMA weights when it holds them."""
+    if state.get("ema") is not None:
+        weights = {key[len("module."):]: value for key, value in state["ema"].items() if key.startswith("module.")}
+    else:
+        weights = state["model"]
+    prefix = state.get("net_prefix", "")
+    return {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}

@@ -1,0 +1,420 @@
+"""The training engine: one loop for every task (it knows only the task protocol below).
+
+Task protocol. ``model(images, targets)`` in train mode returns ``dict[str, Tensor]`` of scalar losses
+(summed for backward, each logged); in eval mode ``model(images)`` returns predictions.
+``model.make_evaluator()`` gives ``reset() / update(preds, targets) / compute() -> dict`` with
+``primary_metric`` and ``higher_is_better``; optional ``model.net`` is what ``model.safetensors`` holds.
+Loaders: ``{"train": DataLoader, "val": DataLoader}`` of ``(uint8 NCHW images, targets)``.
+
+Host syncs happen only every ``train.log_every`` optimizer steps and at epoch ends: loss terms are
+stacked into a device buffer each step and read (all-reduced under DDP) in one go, which is also when
+a non-finite loss is caught — before any checkpoint could store its weights.
+
+Signals: SIGTERM/SIGINT ask the loop to stop after the current optimizer step (under DDP: at the next
+``log_every`` boundary, where all ranks agree); it writes ``last.pt`` with the mid-epoch position and
+raises ``TrainingInterrupted``, whose ``exit_code`` is 128 + signal (130 SIGINT, 143 SIGTERM) for the
+CLI to exit with. A second SIGINT raises ``KeyboardInterrupt`` at once. Previous handlers are restored.
+How ``resume`` is exact: see ``tasks.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .distributed import to_device
+from .optim import ModelEMA, build_optimizer, build_schedule, scaled_lr, steps_per_epoch
+from .runlog import LossTracker, RunLog, config_dict, progress_bar, write_config
+
+log = logging.getLogger(__name__)
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN/inf; names the step, the terms and the last good checkpoint."""
+
+    def __init__(self, step: int, epoch: int, terms: dict[str, float], checkpoint: str | None):
+        self.step, self.epoch, self.terms, self.checkpoint = step, epoch, terms, checkpoint
+        values = ", ".join(f"{name}={value:.6g}" for name, value in terms.items())
+        super().__init__(f"non-finite loss at step {step} (epoch {epoch + 1}): {values}; last good checkpoint: "
+                         f"{checkpoint or 'none saved yet'} — lower optim.lr, set train.clip_grad, or check the data")
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``fit`` after SIGTERM/SIGINT once ``last.pt`` is written; ``exit_code`` = 128 + signal."""
+
+    def __init__(self, signum: int, checkpoint: str | None, epoch: int, step: int, batch_in_epoch: int):
+        self.signum, self.checkpoint, self.exit_code = signum, checkpoint, 128 + signum
+        self.epoch, self.step, self.batch_in_epoch = epoch, step, batch_in_epoch
+        where = (f"state saved to {checkpoint}; continue with --resume {checkpoint}" if checkpoint
+                 else "nothing saved (no run directory)")
+        super().__init__(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {step} "
+                         f"(batch {batch_in_epoch} of the epoch); {where}")
+
+
+def _check_config(cfg: Any) -> None:
+    t = cfg.train
+    if t.amp not in AMP_DTYPES:
+        raise ValueError(f"train.amp={t.amp!r} is not one of none|bf16|fp16; fix train.amp in the config")
+    for key in ("grad_accum", "log_every", "eval_every", "checkpoint_every", "epochs"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"train.{key}={getattr(t, key)} must be >= 1; fix train.{key} in the config")
+    if t.clip_grad is not None and t.clip_grad <= 0:
+        raise ValueError(f"train.clip_grad={t.clip_grad} must be > 0 or null; fix train.clip_grad in the config")
+
+
+class Trainer:
+    """``Trainer(model, loaders, cfg, run_dir=None).fit()``; call ``resume(path)`` before ``fit`` to continue.
+
+    ``run_dir`` defaults to ``train.output_dir/train.run_name`` (``run-<time>`` without a name; a
+    resumed run without either continues in the checkpoint's directory). ``create_run_dir=False``
+    writes nothing (evaluation, benchmarks).
+    """
+
+    def __init__(self, model: nn.Module, loaders: dict, cfg: Any, run_dir: str | Path | None = None,
+                 create_run_dir: bool = True):
+        _check_config(cfg)
+        try:
+            batches = len(loaders["train"]) if "train" in loaders else 1  # evaluation-only without "train"
+        except TypeError:
+            raise ValueError("the train loader has no length (an IterableDataset?); the engine needs "
+                             "len(loader) to place the schedule and to resume mid-epoch") from None
+        t = self.train_cfg = cfg.train
+        self.cfg, self.loaders = cfg, loaders
+        self.device, self.dist = dist_utils.setup_process(t.device, t.deterministic)
+        ckpt.seed_everything(t.seed + self.dist.rank)
+        self.amp_dtype = AMP_DTYPES[t.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type) if t.amp == "fp16" else None
+        if self.scaler is not None:  # a step the scaler skips (inf grads) still advances the schedule: expected
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        self.channels_last = bool(t.channels_last)
+        model = model.to(self.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
+        if cfg.model.sync_bn and self.dist.enabled and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif cfg.model.sync_bn and self.dist.enabled:
+            log.warning("model.sync_bn=true ignored: SyncBatchNorm needs CUDA; CPU processes keep their own statistics")
+        self.model = model  # the plain task module: what checkpoints hold and evaluation runs
+        self.ema = ModelEMA(model, t.ema_decay) if t.ema else None
+        self.optimizer = build_optimizer(model, cfg, self.dist.world_size)
+        self.steps_per_epoch = steps_per_epoch(batches, t.grad_accum)
+        self.scheduler = build_schedule(self.optimizer, cfg, self.steps_per_epoch)
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.ddp = None
+        self.train_model: nn.Module = model
+        if self.dist.enabled:
+            self.ddp = self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=not (cfg.model.sync_bn and self.device.type == "cuda"),
+                gradient_as_bucket_view=True)
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        self._run_dir_auto = run_dir is None and not t.run_name
+        if run_dir is None:
+            run_dir = Path(t.output_dir) / (t.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
+        self.run_dir = Path(dist_utils.broadcast_object(str(run_dir)))
+        self._create_run_dir = create_run_dir
+        self.epoch = self.step = self.batch_in_epoch = 0  # position: epoch in progress, steps done, batches used
+        self.best: float | None = None
+        self.history: list[dict] = []  # one record per evaluation (what metrics.jsonl holds)
+        self._stop = dist_utils.StopSignals()
+        self._losses = LossTracker(self.device, t.log_every * t.grad_accum)
+        self._runlog: RunLog | None = None
+        self._last_checkpoint: str | None = None
+        self._saved_step: int | None = None
+        self._pending_rng: dict | None = None
+        self._epoch_rng: dict | None = None
+        self._evaluator_info: tuple[str, bool] | None = None
+        if self.is_main:
+            log.info("training on %s x%d: global batch %d, lr %.4g, %d steps/epoch", self.device,
+                     self.dist.world_size, cfg.data.batch_size * self.dist.world_size * t.grad_accum,
+                     scaled_lr(cfg, self.dist.world_size), self.steps_per_epoch)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    # ------------------------------------------------------------------ public API
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``train.epochs`` (or ``train.max_steps``); returns the last evaluation's metrics."""
+        t = self.train_cfg
+        if "train" not in self.loaders:
+            raise ValueError(f"loaders has keys {sorted(self.loaders)} but fit() needs 'train' (and 'val' to evaluate)")
+        if self._create_run_dir and self.is_main:
+            ckpt.remove_stale_temp_files(self.run_dir)
+            self._runlog = RunLog(self.run_dir, resume_step=self.step if self._last_checkpoint else None)
+            write_config(self.cfg, self.run_dir / "config.yaml")
+        self._stop.install()
+        final: dict[str, float] | None = None
+        try:
+            while self.epoch < t.epochs and not self._max_steps_reached():
+                if self._stop.agreed(self.device):
+                    self._interrupt()
+                reason = self._train_epoch(self.epoch)
+                if reason == "signal" and self.batch_in_epoch:  # at an epoch end, evaluate/save first as usual
+                    self._interrupt()
+                done = self.epoch >= t.epochs or self._max_steps_reached()
+                epoch_end = self.batch_in_epoch == 0
+                is_best = False
+                if done or (epoch_end and self.epoch % t.eval_every == 0):
+                    final, is_best = self._evaluate_and_log()
+                if done or (epoch_end and self.epoch % t.checkpoint_every == 0):
+                    self._save(last=True, best=is_best)
+                elif is_best:
+                    self._save(last=False, best=True)
+            if final is None:  # nothing left to train (a finished run was resumed): report its metrics
+                final = self.evaluate() if "val" in self.loaders else {}
+            return final
+        finally:
+            self._stop.restore()
+            if self._runlog is not None:
+                self._runlog.close()
+
+    def evaluate(self, loader=None) -> dict[str, float]:
+        """Run the evaluator over ``loader`` (default ``loaders["val"]``); EMA weights when EMA is on."""
+        loader = loader if loader is not None else self.loaders.get("val")
+        if loader is None:
+            raise ValueError("no validation loader: pass loaders['val'] to Trainer or a loader to evaluate()")
+        model = self.ema.module if self.ema is not None else self.model
+        dist_utils.broadcast_buffers_(model)  # DDP keeps rank 0's BN statistics; evaluate with them everywhere
+        evaluator = self.model.make_evaluator()
+        evaluator.reset()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                for images, targets in progress_bar(loader, enabled=self._bars, desc="eval"):
+                    images = self._images_to_device(images)
+                    evaluator.update(model(images), to_device(targets, self.device))
+            metrics = {name: float(value) for name, value in evaluator.compute().items()}
+        finally:
+            model.train(was_training)
+        self._evaluator_info = (evaluator.primary_metric, bool(evaluator.higher_is_better))
+        return metrics
+
+    def resume(self, path: str | Path) -> None:
+        """Load a checkpoint written by ``fit`` so that the next ``fit`` continues exactly where it stopped."""
+        state = ckpt.load_checkpoint(path)
+        ckpt.restore_training_state(state, path, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, scaler=self.scaler)
+        if self.ema is not None and state.get("ema") is None:  # EMA switched on now: start it from these weights
+            self.ema = ModelEMA(self.model, self.train_cfg.ema_decay)
+        if self._run_dir_auto:
+            self.run_dir = Path(path).resolve().parent
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.best = state["best"]["value"]
+        rng = state.get("rng") or []
+        if len(rng) == self.dist.world_size:
+            self._pending_rng = rng[self.dist.rank]
+        else:
+            log.warning("checkpoint %s holds the random state of %d processes, this run has %d: data order and "
+                        "random draws will differ from an uninterrupted run", path, len(rng), self.dist.world_size)
+        self._last_checkpoint = str(path)
+        if self.is_main:
+            log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", path, self.epoch + 1,
+                     self.step, self.batch_in_epoch)
+
+    # ------------------------------------------------------------------ one epoch
+
+    def _start_epoch(self, loader, epoch: int):
+        """The epoch's batch iterator, positioned after the batches a resumed checkpoint already used."""
+        dist_utils.set_loader_epoch(loader, self.train_cfg.seed, epoch)
+        skip, pending = min(self.batch_in_epoch, len(loader)), self._pending_rng
+        if pending is not None:
+            ckpt.restore_rng_state(pending["epoch_start"] if skip else pending["step"])
+        self._epoch_rng = ckpt.capture_rng_state()
+        batches = iter(loader)
+        for _ in range(skip):  # replay consumed batches so that workers' random streams stay in step
+            next(batches)
+        if pending is not None and skip:
+            ckpt.restore_rng_state(pending["step"])
+        self._pending_rng = None
+        return batches, skip
+
+    def _train_epoch(self, epoch: int) -> str | None:
+        """Train from ``self.batch_in_epoch`` to the epoch's end; returns why it stopped early, if it did."""
+        t, loader = self.train_cfg, self.loaders["train"]
+        batches, skip = self._start_epoch(loader, epoch)
+        total, accum = len(loader), t.grad_accum
+        self.train_model.train()
+        self._epoch_sums, self._epoch_rows, self._epoch_images = None, 0, 0
+        self._window_images, self._window_start = 0, time.perf_counter()
+        epoch_start = self._window_start
+        bar = progress_bar(enabled=self._bars, desc=f"epoch {epoch + 1}/{t.epochs}", total=total, initial=skip,
+                           leave=True)
+        reason = None
+        for index, (images, targets) in enumerate(batches, start=skip):
+            group_size = min(accum, total - (index - index % accum))  # the epoch's last group may be short
+            final_micro = (index + 1) % accum == 0 or index + 1 == total
+            images = self._images_to_device(images)
+            targets = to_device(targets, self.device)
+            no_sync = self.ddp.no_sync() if (self.ddp is not None and not final_micro) else contextlib.nullcontext()
+            with no_sync:
+                with self._autocast():
+                    losses = self.train_model(images, targets)
+                loss = self._losses.add(losses)
+                if group_size > 1:
+                    loss = loss / group_size
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            self._window_images += images.shape[0]
+            if bar is not None:
+                bar.update(1)
+            if not final_micro:
+                continue
+            self._optimizer_step()
+            self.step += 1
+            self.batch_in_epoch = index + 1
+            if self._max_steps_reached():
+                reason = "max_steps"
+            elif self._stop.signum and not self.dist.enabled:
+                reason = "signal"
+            if reason or self.step % t.log_every == 0 or index + 1 == total:
+                self._sync_window(bar)
+                if reason is None and self.dist.enabled and self._stop.agreed(self.device):
+                    reason = "signal"
+            if reason:
+                break
+        if self._losses.rows:
+            self._sync_window(bar)
+        self._epoch_seconds = time.perf_counter() - epoch_start
+        if bar is not None:
+            bar.close()
+        if self.batch_in_epoch >= total:
+            self.epoch, self.batch_in_epoch = epoch + 1, 0
+        return reason
+
+    def _optimizer_step(self) -> None:
+        clip = self.train_cfg.clip_grad
+        if self.scaler is not None:
+            if clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self._params, clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if clip is not None:
+                nn.utils.clip_grad_norm_(self._params, clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _sync_window(self, bar) -> None:
+        """Read the buffered loss terms (one host sync): check they are finite, log averages and img/s."""
+        rows = self._losses.read()
+        finite = torch.isfinite(rows).all(dim=1) & torch.isfinite(rows.sum(dim=1))
+        if not bool(finite.all()):
+            bad_row = int((~finite).nonzero()[0])
+            accum = self.train_cfg.grad_accum
+            bad_step = self.step - math.ceil(len(rows) / accum) + bad_row // accum
+            terms = dict(zip(self._losses.names, rows[bad_row].tolist()))
+            raise NonFiniteLossError(bad_step, self.epoch, terms, self._last_checkpoint)
+        sums = rows.sum(dim=0)
+        self._epoch_sums = sums if self._epoch_sums is None else self._epoch_sums + sums
+        self._epoch_rows += len(rows)
+        now = time.perf_counter()
+        images_per_s = self._window_images * self.dist.world_size / max(now - self._window_start, 1e-9)
+        self._epoch_images += self._window_images
+        self._window_images, self._window_start = 0, now
+        means = dict(zip(self._losses.names, (sums / len(rows)).tolist()))
+        means["loss"] = sum(means.values())
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self._runlog is not None:
+            self._runlog.log_train(self.step, means, lr, images_per_s)
+        if bar is not None:
+            bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{images_per_s:.0f}", lr=f"{lr:.3g}", refresh=False)
+
+    # ------------------------------------------------------------------ evaluation, checkpoints
+
+    def _evaluate_and_log(self) -> tuple[dict[str, float], bool]:
+        """Evaluate, append the record (metrics.jsonl, TensorBoard, plots); returns (metrics, new best?)."""
+        metrics = self.evaluate() if "val" in self.loaders else {}
+        is_best = False
+        if metrics:
+            primary, higher_is_better = self._evaluator_info
+            if primary not in metrics:
+                raise KeyError(f"the evaluator's primary_metric {primary!r} is not among its metrics {sorted(metrics)}")
+            value = metrics[primary]
+            improved = self.best is None or (value > self.best if higher_is_better else value < self.best)
+            if math.isfinite(value) and improved:
+                self.best, is_best = value, True
+        record = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                  "img_per_s": self._epoch_images * self.dist.world_size / max(self._epoch_seconds, 1e-9),
+                  "epoch_time_s": self._epoch_seconds}
+        if self._epoch_rows:
+            means = dict(zip(self._losses.names, (self._epoch_sums / self._epoch_rows).tolist()))
+            record["train/loss"] = sum(means.values())
+            record.update({f"train/{name}": value for name, value in means.items()})
+        record.update({f"val/{name}": value for name, value in metrics.items()})
+        self.history.append(record)
+        if self._runlog is not None:
+            self._runlog.log_eval(record)
+        if self.is_main and metrics:
+            message = f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            if self._bars:
+                from tqdm.auto import tqdm
+
+                tqdm.write(message)  # printed between the epoch bars
+            else:
+                log.info(message)
+        return metrics, is_best
+
+    def _save(self, last: bool = True, best: bool = False) -> None:
+        """Write last.pt (+ model.safetensors) and/or best.pt; collective under DDP, rank 0 writes."""
+        if not self._create_run_dir:
+            return
+        mine = {"step": ckpt.capture_rng_state(), "epoch_start": self._epoch_rng if self.batch_in_epoch else None}
+        rng = dist_utils.gather_objects(mine)
+        if self.is_main:
+            state = ckpt.training_state(
+                model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
+                scaler=self.scaler, rng=rng, config=config_dict(self.cfg),
+                position={"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                          "world_size": self.dist.world_size},
+                best={"value": self.best, "metric": self._evaluator_info[0] if self._evaluator_info else None})
+            exported = self.ema.module if self.ema is not None else self.model
+            ckpt.write_run_checkpoint(self.run_dir, state, last=last, best=best,
+                                      network=getattr(exported, "net", exported), ema=self.ema is not None)
+        if last:
+            self._last_checkpoint, self._saved_step = str(self.run_dir / "last.pt"), self.step
+        dist_utils.barrier()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _interrupt(self) -> None:
+        if self._saved_step != self.step:
+            self._save()
+        error = TrainingInterrupted(self._stop.signum, self._last_checkpoint if self._create_run_dir else None,
+                                    self.epoch, self.step, self.batch_in_epoch)
+        if self.is_main:
+            log.warning("%s", error)
+        raise error
+
+    def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)  # uint8 travels; the task model normalises
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def _max_steps_reached(self) -> bool:
+        return self.train_cfg.max_steps is not None and self.step >= self.train_cfg.max_steps
+
+    @property
+    def _bars(self) -> bool:
+        return bool(self.train_cfg.progress) and self.is_main
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
