@@ -39,7 +39,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from .data.loaders import build_loaders
-    from .engine import Trainer
+    from .engine import NonFiniteLossError, Trainer, TrainingInterrupted
 
     cfg = _load_config(args)
     if args.output:
@@ -50,7 +50,15 @@ def cmd_train(args) -> int:
     trainer = Trainer(model, loaders, cfg)
     if args.resume:
         trainer.resume(args.resume)
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    except TrainingInterrupted as stop:  # SIGINT/SIGTERM: last.pt was written; say how to continue
+        if trainer.is_main:
+            print(f"effdense: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except NonFiniteLossError as error:
+        print(f"effdense: error: {error}", file=sys.stderr)
+        return 1
     if trainer.is_main:
         print(f"run directory: {trainer.run_dir}")
         print(json.dumps(metrics))
