@@ -7,16 +7,16 @@ The load is strict: anything missing, extra or of the wrong shape is named in on
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .files import write_safetensors
 
 __all__ = ["LoadReport", "read_state_dict", "detect_format", "load_weights", "save_safetensors", "convert",
            "adapt_input_channels", "imagenet_url", "IMAGENET_ARCHS", "FORMATS"]
@@ -422,39 +422,7 @@ def _warn_flavour(backbone: nn.Module, arch: str) -> None:
 
 def save_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> str:
     """Write ``model``'s state dict as safetensors, atomically (temp file, fsync, rename)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return _write_safetensors(tensors, path, metadata)
-
-
-def _write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None) -> str:
-    from safetensors.torch import save
-
-    path = os.fspath(path)
-    data = save(tensors, metadata={"format": "pt", **(metadata or {})})
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(directory)
-    return path
-
-
-def _fsync_dir(directory: str) -> None:
-    with contextlib.suppress(OSError):  # makes the rename durable; not possible everywhere
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    return str(write_safetensors(path, model.state_dict(), metadata))
 
 
 def convert(src_path: str | os.PathLike, arch: str, out_path: str | os.PathLike, **create_options) -> str:
@@ -478,7 +446,7 @@ def convert(src_path: str | os.PathLike, arch: str, out_path: str | os.PathLike,
         tensors = {"backbone." + k: v for k, v in tensors.items()}
         tensors.update(head)
     meta = {"effdense.arch": arch, "effdense.source_format": report.format}
-    out = _write_safetensors(tensors, out_path, meta)
+    out = str(write_safetensors(out_path, tensors, meta))
     LOG.info("converted %s (%s) -> %s (%d tensors)", label, report.format, out, len(tensors))
     return out
 
