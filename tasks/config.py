@@ -60,7 +60,7 @@ class DataConfig:
     eval_batch_size: Optional[int] = None  # None = batch_size
     workers: int = 8
     pin_memory: bool = True
-    persistent_workers: bool = True
+    persistent_workers: bool = False  # true skips worker start-up per epoch, but a resumed run then draws different augmentations
     on_bad_sample: str = "error"  # error | skip
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
