@@ -25,10 +25,16 @@ def _task_module(task: str):
     return modules[task]
 
 
-def _load_config(args):
+def _load_config(args, join_group: bool = False):
+    """The validated config; with ``join_group`` also join the torchrun process group (if launched by
+    torchrun), before any loader is built, so that the samplers shard the data across ranks."""
     from .config import load
+    from .distributed import setup_process
 
-    return load(args.config, args.set or [])
+    cfg = load(args.config, args.set or [])
+    if join_group:
+        setup_process(cfg.train.device, cfg.train.deterministic)
+    return cfg
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +47,7 @@ def cmd_train(args) -> int:
     from .data.loaders import build_loaders
     from .engine import NonFiniteLossError, Trainer, TrainingInterrupted
 
-    cfg = _load_config(args)
+    cfg = _load_config(args, join_group=True)
     if args.output:
         cfg.train.output_dir = str(Path(args.output).parent)
         cfg.train.run_name = Path(args.output).name
@@ -84,7 +90,7 @@ def cmd_eval(args) -> int:
     from .data.loaders import build_loaders
     from .engine import Trainer
 
-    cfg = _load_config(args)
+    cfg = _load_config(args, join_group=True)
     cfg.train.progress = not args.json
     loaders = build_loaders(cfg)
     model = _task_module(cfg.model.task).build_model(cfg)

@@ -119,14 +119,15 @@ def set_loader_epoch(loader, seed: int, epoch: int) -> None:
     """Make ``loader``'s order for ``epoch`` a pure function of (seed, epoch).
 
     Calls ``set_epoch`` on a sampler that has it (``DistributedSampler``) and re-seeds the loader's
-    ``generator`` (which drives ``RandomSampler`` and the workers' base seed) with ``seed + epoch``.
+    ``generator`` (which drives ``RandomSampler`` and the workers' base seed) from (seed, epoch, rank),
+    so that each rank's workers draw their own augmentations.
     """
     for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
             break
     if isinstance(getattr(loader, "generator", None), torch.Generator):
-        loader.generator.manual_seed(seed + epoch)
+        loader.generator.manual_seed(seed + epoch + 1_000_003 * get_rank())
 
 
 def is_enabled() -> bool:

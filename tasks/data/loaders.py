@@ -37,6 +37,19 @@ class EpochShuffleSampler(Sampler[int]):
         return self.length
 
 
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: disjoint shards covering the dataset once, in order."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def build_loaders(cfg: Config) -> dict[str, DataLoader]:
     """``{"train": DataLoader, "val": DataLoader}`` for ``cfg.data``; class names at ``loader.dataset.classes``."""
     if cfg.data.format != "imagefolder":
@@ -67,8 +80,10 @@ def num_classes_problem(cfg: Config, classes: list[str]) -> str:
 def _make_loader(dataset: Dataset, cfg: Config, train: bool) -> DataLoader:
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=train, seed=cfg.train.seed, drop_last=False)
+    if distributed and train:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.train.seed, drop_last=False)
+    elif distributed:  # evaluation: every image exactly once across the ranks (no padding repeats)
+        sampler = ShardSampler(len(dataset), rank, dist.get_world_size())
     else:
         sampler = EpochShuffleSampler(len(dataset), cfg.train.seed) if train else SequentialSampler(dataset)
     batch_size = cfg.data.batch_size if train else (cfg.data.eval_batch_size or cfg.data.batch_size)
