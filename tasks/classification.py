@@ -68,7 +68,8 @@ class ClassificationTask(nn.Module):
         return logits
 
     def make_evaluator(self) -> "TopKEvaluator":
-        return TopKEvaluator(topk=(1, min(5, self.num_classes)))
+        # Top-5 says nothing with five classes or fewer.
+        return TopKEvaluator(topk=(1, 5) if self.num_classes > 5 else (1,))
 
 
 class TopKEvaluator:
