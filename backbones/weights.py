@@ -49,7 +49,7 @@ class LoadReport:
 
 _CONTAINERS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 _EMA_CONTAINERS = ("state_dict_ema", "model_ema", "ema")
-_WRAP_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+_WRAP_PREFIXES = ("module.", "_orig_mod.", "net.")  # DDP / DataParallel, torch.compile, effdense task module
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -69,7 +69,7 @@ class ClassificationTask(nn.Module):
 
     def make_evaluator(self) -> "TopKEvaluator":
         # Top-5 says nothing with five classes or fewer.
-        return TopKEvaluator(topk=(1, 5) if self.num_classes > 5 else (1,))
+        return TopKEvaluator(topk=(1, 5) if self.num_classes > 5 else (1,), device=self.pixel_mean.device)
 
 
 class TopKEvaluator:
@@ -78,31 +78,28 @@ class TopKEvaluator:
     primary_metric = "top1"
     higher_is_better = True
 
-    def __init__(self, topk: tuple[int, ...] = (1, 5)):
-        self.topk = topk
+    def __init__(self, topk: tuple[int, ...] = (1, 5), device: torch.device | str = "cpu"):
+        self.topk, self.device = topk, torch.device(device)
         self.reset()
 
     def reset(self) -> None:
-        self.correct: torch.Tensor | None = None
-        self.total: torch.Tensor | None = None
+        # Counts exist from the start, so a rank whose shard is empty still joins the all-reduce.
+        self.correct = torch.zeros(len(self.topk), dtype=torch.long, device=self.device)
+        self.total = torch.zeros((), dtype=torch.long, device=self.device)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         top = logits.topk(max(self.topk), dim=1).indices
         hits = top.eq(targets.view(-1, 1))
-        correct = torch.stack([hits[:, :k].any(dim=1).sum() for k in self.topk])
-        if self.correct is None:
-            self.correct = torch.zeros_like(correct)
-            self.total = torch.zeros((), dtype=torch.long, device=correct.device)
-        self.correct += correct
+        self.correct += torch.stack([hits[:, :k].any(dim=1).sum() for k in self.topk]).to(self.device)
         self.total += targets.numel()
 
     def compute(self) -> dict[str, float]:
-        if self.total is None:
-            raise RuntimeError("TopKEvaluator.compute() called before any update()")
         counts = torch.cat([self.correct, self.total.view(1)]).double()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         total = counts[-1].item()
+        if total == 0:
+            raise RuntimeError("TopKEvaluator.compute(): no samples were evaluated (empty validation split?)")
         return {f"top{k}": counts[i].item() / total for i, k in enumerate(self.topk)}
 
 

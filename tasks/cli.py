@@ -76,11 +76,16 @@ def load_task_weights(task_model, path: str) -> None:
     network file ``backbones.weights`` reads (model.safetensors, torchvision, timm, ...)."""
     from backbones.weights import load_weights
 
-    from .checkpoint import load_checkpoint, network_state
+    from .checkpoint import FORMAT, network_state
 
     if str(path).endswith(".pt"):
-        state = load_checkpoint(path)
-        if isinstance(state, dict) and "model" in state:
+        import torch
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not a plain torch file: load_weights gives the one-line reason
+            state = None
+        if isinstance(state, dict) and state.get("format") == FORMAT:
             task_model.net.load_state_dict(network_state(state))
             return
     load_weights(task_model.net, path)
@@ -192,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a config", description="Train a model from a YAML config.")
     _add_config_args(p)
-    p.add_argument("--output", help="run directory (default: <train.output_dir>/<config name>-<time>)")
+    p.add_argument("--output", help="run directory (default: <train.output_dir>/<train.run_name or run-<time>>)")
     p.add_argument("--resume", metavar="CKPT", help="continue exactly from a last.pt/best.pt checkpoint")
     p.set_defaults(func=cmd_train)
 

@@ -207,6 +207,7 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by ``fit`` so that the next ``fit`` continues exactly where it stopped."""
         state = ckpt.load_checkpoint(path)
+        self._check_resumable(state, path)
         ckpt.restore_training_state(state, path, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                     scheduler=self.scheduler, scaler=self.scaler)
         if self.ema is not None and state.get("ema") is None:  # EMA switched on now: start it from these weights
@@ -225,6 +226,24 @@ class Trainer:
         if self.is_main:
             log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", path, self.epoch + 1,
                      self.step, self.batch_in_epoch)
+
+    # Settings that shape the schedule and the data position: a checkpoint's scheduler and position are
+    # only valid for the same values (a resumed scheduler keeps the old total length and milestones).
+    RESUME_KEYS = ("train.epochs", "train.grad_accum", "data.batch_size", "optim", "schedule")
+
+    def _check_resumable(self, state: dict, path) -> None:
+        saved, current = state.get("config") or {}, config_dict(self.cfg)
+        changed = []
+        for key in self.RESUME_KEYS:
+            old, new = _lookup(saved, key), _lookup(current, key)
+            if old is not None and old != new:
+                changed.append(f"{key} {old} -> {new}")
+        processes = len(state.get("rng") or [])
+        if processes and processes != self.dist.world_size and state["batch_in_epoch"]:
+            changed.append(f"processes {processes} -> {self.dist.world_size} (mid-epoch checkpoint)")
+        if changed:
+            raise ValueError(f"cannot resume {path}: {'; '.join(changed)} differ from the run that wrote it; resume "
+                             f"with the same settings, or start a new run from its weights (eval/--set model.weights)")
 
     # ------------------------------------------------------------------ one epoch
 
@@ -418,3 +437,11 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree

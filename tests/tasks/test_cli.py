@@ -135,3 +135,31 @@ def test_torchrun_two_processes_shard_train_and_eval(dataset, tmp_path, capsys):
     assert main(["eval", DEMO, *_tiny(dataset), "--weights", str(run_dir / "model.safetensors"), "--json"]) == 0
     single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert single["top1"] == pytest.approx(record["val/top1"])
+
+
+def test_resume_with_changed_schedule_is_refused(dataset, trained, capsys):
+    code = main(["train", DEMO, *_tiny(dataset), "--set", "train.epochs=3", "--output", str(trained),
+                 "--resume", str(trained / "last.pt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "train.epochs 1 -> 3" in err
+
+
+def test_weights_from_a_plain_torchvision_pt_file(tmp_path):
+    from tasks.classification import ClassificationTask
+    from tasks.cli import load_task_weights
+
+    torch.manual_seed(0)
+    peer = torchvision.models.efficientnet_b0().eval()
+    path = tmp_path / "tv_b0.pt"
+    torch.save(peer.state_dict(), path)
+    task = ClassificationTask(build_classifier_for_test()).eval()
+    load_task_weights(task, str(path))
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(task.net(x), peer(x), rtol=1e-4, atol=1e-5)
+
+
+def build_classifier_for_test():
+    from tasks.classification import build_classifier
+
+    return build_classifier("efficientnet-b0", num_classes=1000)
