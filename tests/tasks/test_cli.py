@@ -146,20 +146,15 @@ def test_resume_with_changed_schedule_is_refused(dataset, trained, capsys):
 
 
 def test_weights_from_a_plain_torchvision_pt_file(tmp_path):
-    from tasks.classification import ClassificationTask
+    from tasks.classification import ClassificationTask, build_classifier
     from tasks.cli import load_task_weights
 
     torch.manual_seed(0)
     peer = torchvision.models.efficientnet_b0().eval()
     path = tmp_path / "tv_b0.pt"
     torch.save(peer.state_dict(), path)
-    task = ClassificationTask(build_classifier_for_test()).eval()
+    task = ClassificationTask(build_classifier("efficientnet-b0", num_classes=1000)).eval()
     load_task_weights(task, str(path))
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(task.net(x), peer(x), rtol=1e-4, atol=1e-5)
 
-
-def build_classifier_for_test():
-    from tasks.classification import build_classifier
-
-    return build_classifier("efficientnet-b0", num_classes=1000)
