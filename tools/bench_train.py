@@ -80,14 +80,13 @@ def hand_loop(model, loader, device, amp, channels_last, steps):
 def engine_loop(args, loader, device, amp, channels_last):
     def run():
         task = ClassificationTask(build_classifier(args.model), label_smoothing=0.0)
-        trainer = Trainer(task, {"train": loader, "val": loader_small}, engine_config(args, device, amp, channels_last),
+        trainer = Trainer(task, {"train": loader, "val": loader}, engine_config(args, device, amp, channels_last),
                           create_run_dir=False)
         start = time.perf_counter()
         trainer._train_epoch(0)  # the training steps only; fit() adds one evaluation and checkpoint
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
-    loader_small = loader
     return run
 
 
