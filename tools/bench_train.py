@@ -45,7 +45,7 @@ def engine_config(args, device, amp, channels_last):
     cfg.optim.weight_decay, cfg.schedule.name = 0.0, "constant"
     cfg.loss.label_smoothing = 0.0
     t = cfg.train
-    t.epochs, t.max_steps, t.device = 1, args.steps, str(device)
+    t.epochs, t.device = 1 << 30, str(device)
     t.amp, t.channels_last, t.progress, t.log_every = ("bf16" if amp else "none"), channels_last, False, 50
     return cfg
 
@@ -78,12 +78,16 @@ def hand_loop(model, loader, device, amp, channels_last, steps):
 
 
 def engine_loop(args, loader, device, amp, channels_last):
+    """The engine's training epoch (one pass over ``loader``: ``steps`` batches); the trainer is built
+    once, like the hand loop's model and optimizer, so both time steady-state steps."""
+    task = ClassificationTask(build_classifier(args.model), label_smoothing=0.0)
+    trainer = Trainer(task, {"train": loader, "val": loader}, engine_config(args, device, amp, channels_last),
+                      create_run_dir=False)
+    epochs = iter(range(1 << 30))
+
     def run():
-        task = ClassificationTask(build_classifier(args.model), label_smoothing=0.0)
-        trainer = Trainer(task, {"train": loader, "val": loader}, engine_config(args, device, amp, channels_last),
-                          create_run_dir=False)
         start = time.perf_counter()
-        trainer._train_epoch(0)  # the training steps only; fit() adds one evaluation and checkpoint
+        trainer._train_epoch(next(epochs))  # the training steps only; fit() adds evaluation and checkpoints
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
