@@ -2,6 +2,7 @@
 
     python tools/bench_train.py                       # CPU: B0, batch 16, 128 px
     python tools/bench_train.py --batch 128 --size 224  # on a GPU: also bf16 + channels_last, and timm's B0
+    python tools/bench_train.py --overhead              # the engine's own microseconds per step
 
 Same model (our B0 classification task), same in-memory uint8 data, same optimizer (SGD,
 momentum 0.9) and step count. The engine run is ``Trainer.fit`` with ``train.max_steps`` (so it
@@ -94,6 +95,46 @@ def engine_loop(args, loader, device, amp, channels_last):
     return run
 
 
+class TinyTask(torch.nn.Module):
+    """A model so small that the per-step cost of the loop itself shows (``--overhead``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                       torch.nn.Linear(8, 10))
+
+    def forward(self, images, targets=None):
+        logits = self.net(images.float() / 255)
+        return {"cross_entropy": torch.nn.functional.cross_entropy(logits, targets)} if self.training else logits
+
+
+def measure_overhead(args, rounds: int = 5, steps: int = 400):
+    """Microseconds per step of the engine minus a hand loop, with a tiny model on the CPU."""
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 256, (4 * steps, 3, 8, 8), dtype=torch.uint8, generator=generator),
+                         torch.randint(0, 10, (4 * steps,), generator=generator))
+    loader = DataLoader(data, batch_size=4)
+    args.batch, args.steps = 4, steps
+    trainer = Trainer(TinyTask(), {"train": loader}, engine_config(args, torch.device("cpu"), False, False),
+                      create_run_dir=False)
+    model = TinyTask()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def hand():
+        for images, labels in loader:
+            model(images, labels)["cross_entropy"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    hand_s, engine_s = [], []
+    for epoch in range(rounds):
+        hand_s.append(timed(hand))
+        engine_s.append(timed(lambda: trainer._train_epoch(epoch)))
+    hand_us, engine_us = min(hand_s) / steps * 1e6, min(engine_s) / steps * 1e6
+    print(f"per step (tiny model, CPU, 1 thread): hand {hand_us:.0f} us, engine {engine_us:.0f} us, "
+          f"engine overhead {engine_us - hand_us:.0f} us")
+
+
 def timed(run):
     start = time.perf_counter()
     run()
@@ -108,8 +149,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default 8 CPU, 50 GPU)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overhead", action="store_true",
+                        help="instead: the engine's own per-step cost, with a tiny model on the CPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.overhead:
+        return measure_overhead(args)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.batch = args.batch or (128 if gpu else 16)
