@@ -18,7 +18,7 @@ from torch import nn
 
 from .files import write_safetensors
 
-__all__ = ["LoadReport", "read_state_dict", "detect_format", "load_weights", "save_safetensors", "convert",
+__all__ = ["LoadReport", "read_state_dict", "detect_format", "load_weights", "load_state", "save_safetensors", "convert",
            "adapt_input_channels", "imagenet_url", "IMAGENET_ARCHS", "FORMATS"]
 
 LOG = logging.getLogger("effdense")
@@ -275,6 +275,11 @@ def load_weights(model: nn.Module, path_or_name: str | os.PathLike) -> LoadRepor
     else:
         label = os.fspath(path_or_name)
         state = read_state_dict(label)
+    return load_state(model, state, label)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], label: str = "state dict") -> LoadReport:
+    """:func:`load_weights` for tensors already in memory (e.g. the backbone part of a detector file)."""
     report = _load_state(model, state, detect_format(state, label), label)
     LOG.info("loaded %d tensors from %s (%s)", report.loaded, label, report.format)
     return report

@@ -29,7 +29,7 @@ def _load_config(args, join_group: bool = False):
     """The validated config; with ``join_group`` also join the torchrun process group (if launched by
     torchrun), before any loader is built, so that the samplers shard the data across ranks."""
     from .config import load
-    from .distributed import setup_process
+    from .engine.distributed import setup_process
 
     cfg = load(args.config, args.set or [])
     if join_group:
@@ -76,7 +76,7 @@ def load_task_weights(task_model, path: str) -> None:
     network file ``backbones.weights`` reads (model.safetensors, torchvision, timm, ...)."""
     from backbones.weights import load_weights
 
-    from .checkpoint import FORMAT, network_state
+    from .engine.checkpoint import FORMAT, network_state
 
     if str(path).endswith(".pt"):
         import torch

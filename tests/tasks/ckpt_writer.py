@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from tasks.checkpoint import FORMAT, save_checkpoint  # noqa: E402
+from tasks.engine.checkpoint import FORMAT, save_checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-from tasks import distributed  # noqa: E402
+from tasks.engine import distributed  # noqa: E402
 from tasks.engine import Trainer, TrainingInterrupted  # noqa: E402
 from tests.tasks.toy_task import NoisyImages, ToyTask, make_config, trained_state  # noqa: E402
 

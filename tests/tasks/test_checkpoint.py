@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import checkpoint as ckpt
-from tasks.optim import ModelEMA, build_optimizer, build_schedule
+from tasks.engine import checkpoint as ckpt
+from tasks.engine.optim import ModelEMA, build_optimizer, build_schedule
 from tests.tasks.toy_task import ToyTask, make_config
 
 REPO = Path(__file__).resolve().parents[2]

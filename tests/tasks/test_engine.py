@@ -228,7 +228,7 @@ def test_mixed_precision_on_cpu_runs_a_step(tmp_path, amp):
 
 
 def test_linear_lr_scaling_with_ranks_and_accumulation():
-    from tasks.optim import build_optimizer, scaled_lr
+    from tasks.engine.optim import build_optimizer, scaled_lr
 
     cfg = make_config(**{"data.batch_size": 64, "train.grad_accum": 2, "optim.lr": 0.1, "optim.base_batch_size": 256})
     assert scaled_lr(cfg, world_size=2) == pytest.approx(0.1)  # 64 x 2 ranks x 2 accum = 256
@@ -238,7 +238,7 @@ def test_linear_lr_scaling_with_ranks_and_accumulation():
 
 
 def test_no_decay_group_holds_exactly_the_1d_params():
-    from tasks.optim import build_optimizer
+    from tasks.engine.optim import build_optimizer
 
     model = toy()
     optimizer = build_optimizer(model, make_config(**{"optim.weight_decay": 0.05}))
@@ -253,7 +253,7 @@ def test_no_decay_group_holds_exactly_the_1d_params():
 
 
 def lrs_over(cfg, steps_per_epoch):
-    from tasks.optim import build_optimizer, build_schedule
+    from tasks.engine.optim import build_optimizer, build_schedule
 
     optimizer = build_optimizer(toy(), cfg)
     schedule = build_schedule(optimizer, cfg, steps_per_epoch)
@@ -295,7 +295,7 @@ def test_step_poly_constant_schedules_by_hand():
 def test_model_ema_matches_averaged_model_update_parameters():
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from tasks.optim import ModelEMA
+    from tasks.engine.optim import ModelEMA
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 3),

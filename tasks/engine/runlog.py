@@ -29,7 +29,7 @@ METRICS_PLOT = "metrics.png"
 def config_dict(cfg: Any) -> dict:
     """The config as plain dicts/lists/scalars (``tasks.config.to_dict`` when present)."""
     try:
-        from .config import to_dict
+        from ..config import to_dict
     except ImportError:
         to_dict = None
     if to_dict is not None:
@@ -43,7 +43,7 @@ def config_dict(cfg: Any) -> dict:
 def write_config(cfg: Any, path: str | os.PathLike) -> None:
     """``config.yaml`` via ``tasks.config.save`` when present, else OmegaConf's YAML of the dataclass."""
     try:
-        from .config import save
+        from ..config import save
     except ImportError:
         save = None
     if save is not None:
