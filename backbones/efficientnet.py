@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ class FeatureSpec:
 
 
 NOMINAL_STRIDES = (2, 4, 8, 16, 32)
+S2_TAPS = ("stage", "stem")  # s2 = end of stage 1 (timm) or the stem output (smp's EfficientNet encoders)
 
 
 class EfficientNet(nn.Module):
@@ -34,12 +35,21 @@ class EfficientNet(nn.Module):
 
     ``forward(x)`` returns ``{name: tensor}`` for the taps in ``out_indices`` (indices into
     s2, s4, s8, s16, s32); ``feature_info`` describes those taps and is read off the built modules.
+
+    Tap positions: the end of the last block at each stride (timm's convention). ``s2_tap="stem"``
+    takes the stem output as s2 instead (smp's EfficientNet encoders). ``tap_at`` moves named taps to
+    explicit ``(stage, block)`` positions (0-based, within the tap's stride), to reproduce encoders
+    that tap elsewhere, e.g. ``{"s16": (4, 0)}``: smp's ``efficientnet-b0`` takes s16 after the
+    first block of stage 5.
     """
 
     def __init__(self, arch: ArchSpec, in_channels: int = 3, out_indices: Sequence[int] = (0, 1, 2, 3, 4),
                  output_stride: int = 32, drop_path: float = 0.0, norm_eps: float | None = None,
-                 norm_momentum: float | None = None, padding: str = "symmetric", name: str = "efficientnet"):
+                 norm_momentum: float | None = None, padding: str = "symmetric", name: str = "efficientnet",
+                 s2_tap: str = "stage", tap_at: Mapping[str, tuple[int, int]] | None = None):
         super().__init__()
+        if s2_tap not in S2_TAPS:
+            raise ValueError(f"s2_tap must be one of {', '.join(S2_TAPS)}, got {s2_tap!r}")
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         if not 0.0 <= drop_path < 1.0:
@@ -89,28 +99,49 @@ class EfficientNet(nn.Module):
             stage_strides.append(stride)
         self.stages = nn.ModuleList(stages)
 
-        # A tap is the end of the last stage at each stride (the stem's output if no stage ends at s2).
-        nominal = [2]
+        self.s2_tap = s2_tap
+        nominal = [2]  # nominal stride after the stem and after each stage
         for spec in arch.stages:
             nominal.append(nominal[-1] * spec.stride)
-        taps = []  # (stage position, -1 = stem)
-        for level in NOMINAL_STRIDES:
-            positions = [p for p, s in enumerate(nominal) if s == level]
-            if not positions:
-                raise ValueError(f"{name}: no stage ends at stride {level}")
-            taps.append(positions[-1] - 1)
+        taps = self._tap_places(nominal, s2_tap, tap_at or {})  # name -> (stage or -1 for the stem, block)
         all_specs = []
-        for level, position in zip(NOMINAL_STRIDES, taps):
-            module = self.stem if position < 0 else self.stages[position][-1]
+        for level_name, (position, block) in taps.items():
+            module = self.stem if position < 0 else self.stages[position][block]
             real_stride = 2 if position < 0 else stage_strides[position]
-            all_specs.append(FeatureSpec(f"s{level}", module.out_channels, real_stride))
+            all_specs.append(FeatureSpec(level_name, module.out_channels, real_stride))
         self.out_indices = out_indices
         self.all_feature_info = all_specs  # every tap, whatever out_indices selects
         self.feature_info = [all_specs[i] for i in out_indices]
-        self._tap_positions = {taps[i]: all_specs[i].name for i in out_indices}
-        self._last_position = max(self._tap_positions)
+        # stage position -> {block index: tap name}; -1 is the stem
+        self._taps_by_stage: dict[int, dict[int, str]] = {}
+        for spec in self.feature_info:
+            position, block = taps[spec.name]
+            self._taps_by_stage.setdefault(position, {})[block] = spec.name
+        self._last_position = max(self._taps_by_stage)
         self.num_features = self.stages[-1][-1].out_channels
         self._init_weights()
+
+    def _tap_places(self, nominal: list[int], s2_tap: str, tap_at: Mapping[str, tuple[int, int]]):
+        """Each tap's (stage position, block index); the stage's last block unless moved by ``tap_at``."""
+        taps = {}
+        for level in NOMINAL_STRIDES:
+            positions = [p for p, s in enumerate(nominal) if s == level]
+            if not positions:
+                raise ValueError(f"{self.name}: no stage ends at stride {level}")
+            position = positions[0] if level == 2 and s2_tap == "stem" else positions[-1]
+            taps[f"s{level}"] = (position - 1, -1 if position == 0 else len(self.stages[position - 1]) - 1)
+        for tap, place in tap_at.items():
+            if tap not in taps:
+                raise ValueError(f"tap_at: unknown tap {tap!r}; expected one of {', '.join(taps)}")
+            stage, block = place
+            if not (0 <= stage < len(self.stages) and 0 <= block < len(self.stages[stage])):
+                raise ValueError(f"tap_at[{tap!r}]=({stage}, {block}): no such block in {self.name} "
+                                 f"({len(self.stages)} stages)")
+            if nominal[stage + 1] != int(tap[1:]):
+                raise ValueError(f"tap_at[{tap!r}]=({stage}, {block}): stage {stage} runs at stride "
+                                 f"{nominal[stage + 1]}, not {tap[1:]}")
+            taps[tap] = (stage, block)
+        return taps
 
     def _init_weights(self) -> None:
         # The reference initialisation (TF, torchvision): conv kaiming-normal fan-out; BN 1/0.
@@ -130,15 +161,22 @@ class EfficientNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = {}
         x = self.stem(x)
-        if -1 in self._tap_positions:
-            features[self._tap_positions[-1]] = x
+        if -1 in self._taps_by_stage:
+            features[self._taps_by_stage[-1][-1]] = x
         for position, stage in enumerate(self.stages):
             if position > self._last_position:
                 break
+            taps = self._taps_by_stage.get(position, {})
+            if any(block != len(stage) - 1 for block in taps):  # a tap inside the stage: block by block
+                for block_index, block in enumerate(stage):
+                    x = block(x)
+                    if block_index in taps:
+                        features[taps[block_index]] = x
+                continue
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False)
             else:
                 x = stage(x)
-            if position in self._tap_positions:
-                features[self._tap_positions[position]] = x
+            if taps:
+                features[next(iter(taps.values()))] = x
         return features
