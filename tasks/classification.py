@@ -1,12 +1,17 @@
-"""Image classification: backbone + classifier head, label-smoothed cross-entropy, top-1/top-5."""
+"""Image classification: backbone + classifier head, label-smoothed cross-entropy, top-1/top-5, predict."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import backbones
 from heads import ClassificationHead
+
+from .schema import backbone_spec
 
 
 class Classifier(nn.Module):
@@ -46,9 +51,10 @@ class ClassificationTask(nn.Module):
     primary_metric = "top1"
 
     def __init__(self, net: Classifier, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, class_names: list[str] | None = None):
         super().__init__()
         self.net = net
+        self.class_names = class_names  # stored with the weights; predict reads them back
         # Normalisation runs on the device, on uint8 input: (x - 255 * mean) * 1 / (255 * std).
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_scale", 1.0 / (torch.tensor(std).view(1, -1, 1, 1) * 255), persistent=False)
@@ -59,7 +65,8 @@ class ClassificationTask(nn.Module):
         return self.net.head.num_classes
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float().sub_(self.pixel_mean).mul_(self.pixel_scale)
+        """uint8 (or float 0..255) images -> normalised float; the input is never modified."""
+        return (images.float() - self.pixel_mean) * self.pixel_scale
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
         logits = self.net(self.normalize(images))
@@ -104,16 +111,67 @@ class TopKEvaluator:
 
 
 def build_model(cfg) -> ClassificationTask:
-    """The classification task module described by a ``tasks.config.Config``."""
+    """The classification task module described by a ``tasks.config.ClassificationConfig``.
+
+    ``model.weights`` fills the whole classifier (EMA weights of an effdense checkpoint when it has
+    them); ``model.backbone_weights`` only the backbone.
+    """
     model_cfg = cfg.model
-    name, options = model_cfg.backbone, {}
-    if model_cfg.phi is not None:
-        name, options["phi"] = "efficientnet", model_cfg.phi
+    name, options = backbone_spec(model_cfg)
     for key in ("norm_eps", "norm_momentum"):
         if getattr(model_cfg, key) is not None:
             options[key] = getattr(model_cfg, key)
     net = build_classifier(name, num_classes=model_cfg.num_classes, weights=model_cfg.weights,
                            dropout=model_cfg.dropout, drop_path=model_cfg.drop_path,
                            padding=model_cfg.padding, **options)
+    if model_cfg.backbone_weights is not None:
+        from backbones.weights import load_weights
+
+        load_weights(net.backbone, model_cfg.backbone_weights)
     return ClassificationTask(net, mean=cfg.data.mean, std=cfg.data.std,
                               label_smoothing=cfg.loss.label_smoothing)
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet class names, in label order (they ship with torchvision; nothing is downloaded)."""
+    from torchvision.models import EfficientNet_B0_Weights
+
+    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def class_names_of(model: ClassificationTask) -> list[str]:
+    """The names stored with the weights, else ImageNet's for a 1000-class model, else "0", "1", ..."""
+    if model.class_names is not None and len(model.class_names) == model.num_classes:
+        return list(model.class_names)
+    if model.num_classes == 1000:
+        return imagenet_categories()
+    return [str(i) for i in range(model.num_classes)]
+
+
+@torch.no_grad()
+def predict(cfg, model: ClassificationTask, paths: list[str], out: str | None = None, topk: int = 5,
+            **_options) -> list[dict]:
+    """Top-k labels of each image (printed); ``out``: also ``<out>/predictions.json``."""
+    from .config import resolve_image_size
+    from .data.imagefolder import read_rgb
+    from .data.transforms import classification_eval_transform
+
+    model.eval()
+    device = next(model.parameters()).device
+    classes = class_names_of(model)
+    transform = classification_eval_transform(cfg.data.augment, resolve_image_size(cfg))
+    results = []
+    for path in paths:
+        image = transform(read_rgb(path)).unsqueeze(0).to(device)
+        probs = model(image).float().softmax(dim=1)[0]
+        top = probs.topk(min(topk, probs.numel()))
+        labels = [{"label": classes[i], "index": int(i), "prob": round(float(p), 5)}
+                  for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        results.append({"image": str(path), "top": labels})
+        print(f"{path}: " + ", ".join(f"{item['label']} {item['prob']:.3f}" for item in labels))
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "predictions.json").write_text(json.dumps(results, indent=1))
+        print(f"wrote {folder / 'predictions.json'}")
+    return results

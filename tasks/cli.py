@@ -16,25 +16,10 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("effdense")
 
 
-def _task_module(task: str):
-    from . import classification
-
-    modules = {"classification": classification}
-    if task not in modules:
-        raise SystemExit(f"effdense: model.task={task!r} is not implemented yet (available: {', '.join(modules)})")
-    return modules[task]
-
-
-def _load_config(args, join_group: bool = False):
-    """The validated config; with ``join_group`` also join the torchrun process group (if launched by
-    torchrun), before any loader is built, so that the samplers shard the data across ranks."""
+def _load_config(args):
     from .config import load
-    from .engine.distributed import setup_process
 
-    cfg = load(args.config, args.set or [])
-    if join_group:
-        setup_process(cfg.train.device, cfg.train.deterministic)
-    return cfg
+    return load(args.config, args.set or [])
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -44,116 +29,130 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from .data.loaders import build_loaders
+    from . import registry
+    from .data import build_loaders
     from .engine import NonFiniteLossError, Trainer, TrainingInterrupted
+    from .engine.distributed import cleanup
 
-    cfg = _load_config(args, join_group=True)
+    cfg = _load_config(args)
     if args.output:
         cfg.train.output_dir = str(Path(args.output).parent)
         cfg.train.run_name = Path(args.output).name
-    loaders = build_loaders(cfg)
-    model = _task_module(cfg.model.task).build_model(cfg)
-    trainer = Trainer(model, loaders, cfg)
-    if args.resume:
-        trainer.resume(args.resume)
+    if args.overwrite:
+        cfg.train.overwrite = True
     try:
-        metrics = trainer.fit()
-    except TrainingInterrupted as stop:  # SIGINT/SIGTERM: last.pt was written; say how to continue
+        loaders = build_loaders(cfg)  # under torchrun this joins the process group first
+        trainer = Trainer(registry.build_model(cfg), loaders, cfg)
+        if args.resume:
+            trainer.resume(args.resume)
+        try:
+            metrics = trainer.fit()
+        except TrainingInterrupted as stop:  # SIGINT/SIGTERM: last.pt was written; say how to continue
+            if trainer.is_main:
+                print(f"effdense: {stop}", file=sys.stderr)
+            return stop.exit_code
+        except NonFiniteLossError as error:
+            print(f"effdense: error: {error}", file=sys.stderr)
+            return 1
         if trainer.is_main:
-            print(f"effdense: {stop}", file=sys.stderr)
-        return stop.exit_code
-    except NonFiniteLossError as error:
-        print(f"effdense: error: {error}", file=sys.stderr)
-        return 1
-    if trainer.is_main:
-        print(f"run directory: {trainer.run_dir}")
-        print(json.dumps(metrics))
-    return 0
+            print(f"run directory: {trainer.run_dir}")
+            print(json.dumps(metrics))
+        return 0
+    finally:
+        cleanup()
 
 
-def load_task_weights(task_model, path: str) -> None:
-    """Weights for a task module: an engine checkpoint (EMA weights when it holds them) or any
-    network file ``backbones.weights`` reads (model.safetensors, torchvision, timm, ...)."""
+def load_task_weights(task_model, path: str) -> dict:
+    """Load a weights file into a task module's network and return the metadata stored with it.
+
+    One rule for every command: an effdense checkpoint gives its EMA weights when it holds them
+    (``backbones.weights``); ``model.safetensors`` and torchvision/timm/... files load as they are.
+    """
     from backbones.weights import load_weights
 
-    from .engine.checkpoint import FORMAT, network_state
+    from .engine.checkpoint import weights_meta
 
-    if str(path).endswith(".pt"):
-        import torch
-
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # not a plain torch file: load_weights gives the one-line reason
-            state = None
-        if isinstance(state, dict) and state.get("format") == FORMAT:
-            task_model.net.load_state_dict(network_state(state))
-            return
     load_weights(task_model.net, path)
+    meta = weights_meta(path)
+    if meta.get("class_names") is not None:
+        task_model.class_names = meta["class_names"]
+    return meta
+
+
+def _check_weights_task(cfg, meta: dict, path: str) -> None:
+    from .config import ConfigError
+
+    task = meta.get("task")
+    if task and task != cfg.model.task:
+        raise ConfigError(f"{path} holds {task} weights but the config is for model.task={cfg.model.task}; "
+                          f"use a {task} config")
 
 
 def cmd_eval(args) -> int:
-    from .data.loaders import build_loaders
-    from .engine import Trainer
+    from . import registry
+    from .data import build_loaders
+    from .engine import evaluate
+    from .engine.distributed import cleanup, setup_process
 
-    cfg = _load_config(args, join_group=True)
-    cfg.train.progress = not args.json
-    loaders = build_loaders(cfg)
-    model = _task_module(cfg.model.task).build_model(cfg)
-    load_task_weights(model, args.weights)
-    metrics = Trainer(model, loaders, cfg, run_dir=None, create_run_dir=False).evaluate()
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        for key, value in metrics.items():
-            print(f"{key:>12}: {value:.4f}")
-    return 0
+    cfg = _load_config(args)
+    try:
+        device, dist_env = setup_process(cfg.train.device, cfg.train.deterministic)
+        loaders = build_loaders(cfg, splits=("val",))
+        model = registry.build_model(cfg)
+        _check_weights_task(cfg, load_task_weights(model, args.weights), args.weights)
+        metrics = evaluate(model, loaders["val"], device, cfg.train.amp, cfg.train.channels_last,
+                           progress=not args.json and dist_env.is_main, output_dir=args.output)
+        if not dist_env.is_main:
+            return 0
+        if args.output:
+            out = Path(args.output)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        if args.json:
+            print(json.dumps(metrics))
+        else:
+            width = max(len(key) for key in metrics) if metrics else 0
+            for key, value in metrics.items():
+                print(f"{key:>{width}}: {value:.4f}")
+        return 0
+    finally:
+        cleanup()
 
 
 def cmd_predict(args) -> int:
     import torch
 
-    from .config import resolve_image_size
-    from .data.imagefolder import list_split, read_rgb
-    from .data.transforms import classification_eval_transform
+    from . import registry
+    from .engine.distributed import pick_device
 
     cfg = _load_config(args)
-    model = _task_module(cfg.model.task).build_model(cfg)
-    load_task_weights(model, args.weights)
-    model.eval()
-    try:
-        classes = list_split(cfg.data.root, cfg.data.train_split).classes
-    except (OSError, ValueError):
-        classes = [str(i) for i in range(model.num_classes)]
-    transform = classification_eval_transform(cfg.data.augment, resolve_image_size(cfg))
-    results = []
-    for path in args.images:
-        image = transform(read_rgb(path))
-        with torch.no_grad():
-            probs = model(image.unsqueeze(0)).softmax(dim=1)[0]
-        top = probs.topk(min(args.topk, probs.numel()))
-        labels = [{"label": classes[i], "index": int(i), "prob": round(float(p), 5)}
-                  for p, i in zip(top.values, top.indices)]
-        results.append({"image": str(path), "top": labels})
-        print(f"{path}: " + ", ".join(f"{item['label']} {item['prob']:.3f}" for item in labels))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "predictions.json").write_text(json.dumps(results, indent=1))
-        print(f"wrote {out / 'predictions.json'}")
+    model = registry.build_model(cfg)
+    _check_weights_task(cfg, load_task_weights(model, args.weights), args.weights)
+    model.to(pick_device(cfg.train.device)).eval()
+    with torch.no_grad():
+        registry.get(cfg.model.task).predict(cfg, model, args.images, out=args.out, topk=args.topk,
+                                            score_threshold=args.score_threshold)
     return 0
 
 
 def cmd_data(args) -> int:
+    from .data import FORMATS, check_dataset
+    from .data.formats import formats_for
+
     if args.data_command == "synth":
-        from .data import synthetic
+        formats = formats_for(args.task)
+        name = args.format or formats[0]
+        if name not in formats:
+            from .config import ConfigError
 
-        root = synthetic.write_classification(args.dir, num_classes=args.classes, train_per_class=args.train_per_class,
-                                              val_per_class=args.val_per_class, size=args.size, seed=args.seed)
-        print(f"wrote a synthetic {args.task} dataset to {root}")
+            raise ConfigError(f"--format {name!r} does not hold {args.task} data; formats for {args.task}: "
+                              f"{', '.join(formats)}")
+        options = {key: getattr(args, key) for key in ("classes", "train_per_class", "val_per_class", "size")
+                   if getattr(args, key) is not None}
+        root = FORMATS[name].synth(args.dir, seed=args.seed, **options)
+        print(f"wrote a synthetic {args.task} dataset ({name}: {FORMATS[name].layout}) to {root}")
         return 0
-    from .data.check import check_dataset
-
-    problems = check_dataset(_load_config(args))
+    problems = check_dataset(_load_config(args), progress=True)
     for line in problems:
         print(line)
     print(f"{len(problems)} problem(s) found" if problems else "no problems found")
@@ -187,7 +186,7 @@ def cmd_backbones(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.output, args.set or [])
+    return run_demo(args.task, args.output, args.set or [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--output", help="run directory (default: <train.output_dir>/<train.run_name or run-<time>>)")
     p.add_argument("--resume", metavar="CKPT", help="continue exactly from a last.pt/best.pt checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse a run directory that holds another run (its files are replaced)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate weights on the config's validation split",
@@ -206,25 +207,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--weights", required=True, help="last.pt/best.pt, model.safetensors, or a torchvision/timm file")
     p.add_argument("--json", action="store_true", help="print the metrics dict as JSON on the last stdout line")
+    p.add_argument("--output", metavar="DIR", help="also write metrics.json (and the evaluator's files) into DIR")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-k labels for images", description="Print the top-k labels of each image.")
+    p = sub.add_parser("predict", help="run a model on image files",
+                       description="Predict on image files: top-k labels (classification); the task's outputs "
+                                   "otherwise. Class names come from the weights file (or ImageNet's for 1000 classes).")
     _add_config_args(p)
     p.add_argument("--weights", required=True, help="last.pt/best.pt, model.safetensors, or a torchvision/timm file")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--out", help="also write predictions.json into this directory")
+    p.add_argument("--topk", type=int, default=5, help="classification: labels per image")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="detection: the lowest score drawn")
+    p.add_argument("--out", help="write the outputs (predictions.json, images) into this directory")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="synthesize or check datasets", description="Synthesize or check datasets.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    from .registry import TASKS
+
     s = data_sub.add_parser("synth", help="write a small synthetic dataset in the real on-disk format")
-    s.add_argument("task", choices=["classification"], help="which format to write")
+    s.add_argument("task", choices=list(TASKS), help="the task whose data to write")
     s.add_argument("dir", help="output directory")
-    s.add_argument("--classes", type=int, default=4)
-    s.add_argument("--train-per-class", type=int, default=60)
-    s.add_argument("--val-per-class", type=int, default=20)
-    s.add_argument("--size", type=int, default=64, help="image side in pixels")
+    s.add_argument("--format", help="the on-disk format (default: the task's first; see `effdense data check`)")
+    s.add_argument("--classes", type=int, help="classification: number of classes (default 4)")
+    s.add_argument("--train-per-class", type=int, help="classification: training images per class (default 60)")
+    s.add_argument("--val-per-class", type=int, help="classification: validation images per class (default 20)")
+    s.add_argument("--size", type=int, help="classification: image side in pixels (default 64)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data)
     c = data_sub.add_parser("check", help="scan a config's dataset and list every problem")
@@ -249,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backbones)
 
     p = sub.add_parser("demo", help="synthesize data, train on CPU for ~2 minutes, evaluate",
-                       description="Write a synthetic dataset, train a small classifier on it, evaluate it.")
-    p.add_argument("--output", default="runs/demo", help="run directory")
+                       description="Write a synthetic dataset, train a small model for the task on it, evaluate it.")
+    p.add_argument("task", nargs="?", default="classification", choices=list(TASKS), help="which task's demo")
+    p.add_argument("--output", help="run directory (default: the demo config's, runs/demo-<task>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the demo config")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -259,16 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from .config import ConfigError
-    from .data import DataError
+    from backbones.errors import EffdenseError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
-        # User-caused problems: one line, no traceback (run with -v for one).
+    except EffdenseError as error:
+        # User-caused problems (config, data, weights, run directory): one line; anything else is a bug
+        # and keeps its traceback.
         if args.verbose:
             raise
-        print(f"effdense: error: {error}", file=sys.stderr)
+        print(f"effdense: error: {error} (run with -v for the traceback)", file=sys.stderr)
         return 2
 
 

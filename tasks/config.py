@@ -1,154 +1,70 @@
-"""One typed config schema for every task, loaded from a complete YAML file plus ``--set`` overrides.
+"""Loading a config: a complete YAML preset plus ``--set`` overrides -> one typed, validated ``Config``.
 
-The schema is plain dataclasses (OmegaConf structured configs validate keys and types against it).
-Loading and validation live below the schema; nothing else in effdense reads raw YAML.
+The schema (sections, fields, their choices and ranges) is ``tasks.schema``; the task named by
+``model.task`` picks its ``Config`` subclass, so a preset holds exactly the keys its task has.
+Loading and validation live here; nothing else in effdense reads raw YAML.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from backbones.errors import EffdenseError
 
+from .schema import (IMAGENET_MEAN, IMAGENET_STD, SCHEMAS, ClassificationAugmentConfig, ClassificationConfig,
+                     Config, DetectionConfig, ModelConfig, Range, SegmentationConfig, backbone_spec,
+                     detection_scale)
 
-@dataclass
-class ModelConfig:
-    task: str = "classification"  # classification | segmentation | detection
-    backbone: str = "efficientnet-b0"  # a name from backbones.list_names()
-    phi: Optional[float] = None  # set -> backbone "efficientnet" with this compound coefficient
-    num_classes: int = 1000
-    weights: Optional[str] = None  # a checkpoint path or "imagenet"
-    drop_path: float = 0.2  # stochastic depth, linear per block
-    dropout: Optional[float] = None  # classifier dropout; None = the preset's
-    padding: str = "symmetric"  # symmetric | same (TF-compatible)
-    norm_eps: Optional[float] = None  # None = the preset's
-    norm_momentum: Optional[float] = None
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+__all__ = ["Config", "ClassificationConfig", "SegmentationConfig", "DetectionConfig", "ConfigError", "load",
+           "save", "to_dict", "validate", "resolve_image_size", "schema_for", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-
-@dataclass
-class AugmentConfig:
-    hflip: float = 0.5  # probability
-    scale_min: float = 0.08  # RandomResizedCrop lower scale bound
-    randaugment: bool = True
-    randaugment_ops: int = 2
-    randaugment_magnitude: int = 9
-    eval_crop_pct: float = 0.875  # resize to size / crop_pct, then centre-crop size
-
-
-@dataclass
-class DataConfig:
-    format: str = "imagefolder"  # imagefolder | cityscapes | coco
-    root: str = "data/imagenet"
-    train_split: str = "train"
-    val_split: str = "val"
-    image_size: Optional[int] = None  # None = the backbone's native resolution
-    batch_size: int = 64  # per process
-    eval_batch_size: Optional[int] = None  # None = batch_size
-    workers: int = 8
-    pin_memory: bool = True
-    persistent_workers: bool = False  # true skips worker start-up per epoch, but a resumed run then draws different augmentations
-    on_bad_sample: str = "error"  # error | skip
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class OptimConfig:
-    name: str = "sgd"  # sgd | rmsprop | adamw
-    lr: float = 0.1  # at base_batch_size; scaled linearly with the global batch
-    base_batch_size: int = 256
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-5
-    no_decay_norm_and_bias: bool = True
-    rmsprop_alpha: float = 0.9  # RMSProp decay (TF "decay")
-    eps: float = 1e-3  # RMSProp eps (TF reference) / AdamW eps
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "cosine"  # cosine | step | poly | constant
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 0.01
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
-    step_epochs: float = 2.4  # step: decay every N epochs
-    step_gamma: float = 0.97
-    poly_power: float = 0.9
-
-
-@dataclass
-class LossConfig:
-    label_smoothing: float = 0.1
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    max_steps: Optional[int] = None  # stop early after this many optimizer steps (demos, benchmarks)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 | fp16
-    channels_last: bool = False
-    compile: bool = False
-    grad_accum: int = 1
-    clip_grad: Optional[float] = None  # max gradient norm
-    ema: bool = False
-    ema_decay: float = 0.9999
-    seed: int = 0
-    deterministic: bool = False
-    eval_every: int = 1  # epochs
-    log_every: int = 20  # steps
-    checkpoint_every: int = 1  # epochs
-    grad_checkpointing: bool = False
-    output_dir: str = "runs"
-    run_name: Optional[str] = None  # None = <config stem>-<timestamp>
-    progress: bool = True  # tqdm bars on rank 0
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+AugmentConfig = ClassificationAugmentConfig  # the classification augmentation section (older name)
 
 
 # -- loading: YAML file + ``--set a.b=c`` overrides -> a typed, validated ``Config`` -----------------
 
 
-class ConfigError(ValueError):
+class ConfigError(EffdenseError):
     """A bad config file, key or value; the message is one line naming the file or key."""
+
+
+def schema_for(task: str) -> type[Config]:
+    """The ``Config`` subclass of ``task``; a one-line error listing the tasks when unknown."""
+    if task not in SCHEMAS:
+        raise ConfigError(f"model.task={task!r} must be one of: {', '.join(SCHEMAS)}")
+    return SCHEMAS[task]
 
 
 def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Read a complete YAML preset, apply ``key.path=value`` overrides, validate, return a ``Config``.
 
     Override values are parsed as YAML scalars/lists (``model.weights=null``, ``data.mean=[0.5,0.5,0.5]``).
+    The schema is the one of the task the file (or an override) names in ``model.task``.
     """
-    merged = OmegaConf.structured(Config)
-    merged = _merge_checked(merged, _read_yaml(path), source=str(path))
-    for override in overrides:
-        merged = _merge_checked(merged, _parse_override(override), source=f"--set {override}")
+    raw = _read_yaml(path)
+    parsed = [(f"--set {override}", _parse_override(override)) for override in overrides]
+    task = ModelConfig.task
+    for _, tree in [(str(path), raw), *parsed]:
+        model = tree.get("model")
+        if isinstance(model, dict) and "task" in model:
+            task = model["task"]
+    schema = schema_for(str(task))
+    merged = OmegaConf.structured(schema)
+    for source, tree in [(str(path), raw), *parsed]:
+        merged = _merge_checked(merged, tree, schema, source=source)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise _type_error(error, merged, source=str(path)) from None
+        raise _type_error(error, merged, schema, source=str(path)) from None
     validate(cfg)
     return cfg
 
@@ -166,15 +82,10 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def resolve_image_size(cfg: Config) -> int:
-    """``data.image_size`` when set, else the native resolution of the configured backbone scale."""
-    if cfg.data.image_size is not None:
-        return int(cfg.data.image_size)
-    import backbones
-
-    if cfg.model.phi is not None:
-        return backbones.get_preset("efficientnet", phi=cfg.model.phi).resolution
-    return backbones.get_preset(cfg.model.backbone).resolution
+def resolve_image_size(cfg: Config) -> tuple[int, int]:
+    """``data.image_size`` as (h, w) when set, else the task's native input size (B0 224, D0 512, ...)."""
+    size = cfg.data.image_size if cfg.data.image_size is not None else cfg.native_image_size()
+    return int(size[0]), int(size[1])
 
 
 # -- reading and merging ---------------------------------------------------------------------------
@@ -212,30 +123,46 @@ def _parse_override(override: str) -> dict:
         raise ConfigError(f"--set {override!r}: cannot parse ({_first_line(error)})") from None
 
 
-def _merge_checked(merged, raw: dict, source: str):
-    _check_keys(raw, Config, prefix="", source=source)
+def _merge_checked(merged, raw: dict, schema: type, source: str):
+    _check_keys(raw, schema, prefix="", source=source)
     try:
         return OmegaConf.merge(merged, raw)
     except OmegaConfBaseException as error:
-        raise _type_error(error, raw, source) from None
+        raise _type_error(error, raw, schema, source) from None
 
 
-def _check_keys(raw: dict, schema: type, prefix: str, source: str) -> None:
-    """Every key of ``raw`` must name a field of ``schema``; sections must be mappings."""
+def _check_keys(raw: dict, schema: type, prefix: str, source: str, root: type | None = None) -> None:
+    """Every key of ``raw`` must name a field of ``schema``; sections must be mappings.
+
+    Size fields (``[h, w]``) given as one int become ``[n, n]`` here, in ``raw``.
+    """
+    root = root or schema
     fields = _schema_fields(schema)
+    metadata = {f.name: f.metadata for f in dataclasses.fields(schema)}
     for key, value in raw.items():
         key_path = f"{prefix}{key}"
         if key not in fields:
             where = f"in '{prefix[:-1]}'" if prefix else "at the top level"
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: config key '{key_path}' is unknown; "
+            raise ConfigError(f"{source}: config key '{key_path}' is unknown{_task_note(key_path, root)}; "
                               f"valid keys {where}: {', '.join(sorted(fields))}{hint}")
         if dataclasses.is_dataclass(fields[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: config key '{key_path}' is a section; expected a mapping with keys "
                                   f"{', '.join(sorted(_schema_fields(fields[key])))}, got {value!r}")
-            _check_keys(value, fields[key], prefix=f"{key_path}.", source=source)
+            _check_keys(value, fields[key], prefix=f"{key_path}.", source=source, root=root)
+        elif metadata[key].get("size") and isinstance(value, int) and not isinstance(value, bool):
+            raw[key] = [value, value]
+
+
+def _task_note(key_path: str, schema: type) -> str:
+    """' (a segmentation key; this config is for classification)' when another task's schema has it."""
+    for task, other in SCHEMAS.items():
+        if other is not schema and _field_type(key_path, other) is not None:
+            own = next(name for name, s in SCHEMAS.items() if s is schema)
+            return f" for model.task={own} (it is a {task} key)"
+    return ""
 
 
 def _schema_fields(schema: type) -> dict[str, object]:
@@ -244,11 +171,15 @@ def _schema_fields(schema: type) -> dict[str, object]:
     return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
 
 
-def _type_error(error: OmegaConfBaseException, raw, source: str) -> ConfigError:
+def _type_error(error: OmegaConfBaseException, raw, schema: type, source: str) -> ConfigError:
     key_path = getattr(error, "full_key", None)
     if not key_path:
         return ConfigError(f"{source}: {_first_line(error)}")
-    expected = _field_type(re.sub(r"\[\d+\]", "", key_path))
+    field_path = re.sub(r"\[\d+\]", "", key_path)
+    expected = _field_type(field_path, schema) or object
+    if _field_metadata(field_path, schema).get("size"):
+        return ConfigError(f"{source}: config key '{key_path}' has the wrong type: got {_lookup(raw, key_path)!r}; "
+                           f"expected an int (square), [height, width] or null")
     if key_path.endswith("]"):  # one element of a list field
         expected = typing.get_args(expected)[0]
     return ConfigError(f"{source}: config key '{key_path}' has the wrong type: got {_lookup(raw, key_path)!r}; "
@@ -265,13 +196,22 @@ def _lookup(raw, key_path: str):
     return node
 
 
-def _field_type(field_path: str):
-    field_type: object = Config
+def _field_type(field_path: str, schema: type):
+    """The annotation of ``field_path`` in ``schema`` (None when the schema has no such field)."""
+    field_type: object = schema
     for part in field_path.split("."):
         if not dataclasses.is_dataclass(field_type):
-            return object
-        field_type = _schema_fields(field_type).get(part, object)
+            return None
+        field_type = _schema_fields(field_type).get(part)
     return field_type
+
+
+def _field_metadata(field_path: str, schema: type) -> dict:
+    *parents, name = field_path.split(".")
+    owner = _field_type(".".join(parents), schema) if parents else schema
+    if not dataclasses.is_dataclass(owner):
+        return {}
+    return next((dict(f.metadata) for f in dataclasses.fields(owner) if f.name == name), {})
 
 
 def _type_name(field_type) -> str:
@@ -288,103 +228,26 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-# -- validation: ranges and choices ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Range:
-    """A numeric interval; ``None`` bounds are open-ended. Values must also be finite."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def contains(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    def describe(self) -> str:
-        if self.low is None:  # ranges here are bounded below or not at all
-            return "must be a finite number"
-        if self.high is None:
-            return f"must be {'>' if self.low_open else '>='} {self.low:g}"
-        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"must be in {left}{self.low:g}, {self.high:g}{right}"
-
-
-_POSITIVE = _Range(0, low_open=True)
-_AT_LEAST_ONE = _Range(1)
-_NON_NEGATIVE = _Range(0)
-_FRACTION = _Range(0, 1)  # [0, 1]
-_FRACTION_BELOW_ONE = _Range(0, 1, high_open=True)  # [0, 1)
-_FRACTION_ABOVE_ZERO = _Range(0, 1, low_open=True)  # (0, 1]
-_OPEN_UNIT = _Range(0, 1, low_open=True, high_open=True)  # (0, 1)
-
-RANGES: dict[str, _Range] = {
-    "model.phi": _Range(),
-    "model.num_classes": _AT_LEAST_ONE,
-    "model.drop_path": _FRACTION_BELOW_ONE,
-    "model.dropout": _FRACTION_BELOW_ONE,
-    "model.norm_eps": _POSITIVE,
-    "model.norm_momentum": _FRACTION,
-    "data.image_size": _Range(32),
-    "data.batch_size": _AT_LEAST_ONE,
-    "data.eval_batch_size": _AT_LEAST_ONE,
-    "data.workers": _NON_NEGATIVE,
-    "data.augment.hflip": _FRACTION,
-    "data.augment.scale_min": _FRACTION_ABOVE_ZERO,
-    "data.augment.randaugment_ops": _NON_NEGATIVE,
-    "data.augment.randaugment_magnitude": _Range(0, 30),  # RandAugment's 31 magnitude bins
-    "data.augment.eval_crop_pct": _FRACTION_ABOVE_ZERO,
-    "optim.lr": _POSITIVE,
-    "optim.base_batch_size": _AT_LEAST_ONE,
-    "optim.momentum": _FRACTION_BELOW_ONE,
-    "optim.weight_decay": _NON_NEGATIVE,
-    "optim.rmsprop_alpha": _OPEN_UNIT,
-    "optim.eps": _POSITIVE,
-    "schedule.warmup_epochs": _NON_NEGATIVE,
-    "schedule.warmup_start_factor": _FRACTION_ABOVE_ZERO,
-    "schedule.min_lr_ratio": _FRACTION,
-    "schedule.step_epochs": _POSITIVE,
-    "schedule.step_gamma": _FRACTION_ABOVE_ZERO,
-    "schedule.poly_power": _POSITIVE,
-    "loss.label_smoothing": _FRACTION_BELOW_ONE,
-    "train.epochs": _AT_LEAST_ONE,
-    "train.max_steps": _AT_LEAST_ONE,
-    "train.grad_accum": _AT_LEAST_ONE,
-    "train.clip_grad": _POSITIVE,
-    "train.ema_decay": _OPEN_UNIT,
-    "train.seed": _NON_NEGATIVE,
-    "train.eval_every": _AT_LEAST_ONE,
-    "train.log_every": _AT_LEAST_ONE,
-    "train.checkpoint_every": _AT_LEAST_ONE,
-}
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.task": ("classification", "segmentation", "detection"),
-    "model.padding": ("symmetric", "same"),
-    "data.format": ("imagefolder", "cityscapes", "coco"),
-    "data.on_bad_sample": ("error", "skip"),
-    "optim.name": ("sgd", "rmsprop", "adamw"),
-    "schedule.name": ("cosine", "step", "poly", "constant"),
-    "train.amp": ("none", "bf16", "fp16"),
-}
+# -- validation: the choices and ranges declared on the schema's fields ------------------------------
 
 NON_EMPTY_STRINGS = ("data.root", "data.train_split", "data.val_split", "train.output_dir")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def validate(cfg: Config) -> Config:
-    """Check ranges and choices; raise one ``ConfigError`` line listing every problem. Returns ``cfg``."""
-    problems = [*_range_problems(cfg), *_choice_problems(cfg), *_normalisation_problems(cfg), *_backbone_problems(cfg)]
+    """Check every field's declared choices and ranges, and the cross-field rules; raise one
+    ``ConfigError`` line listing every problem. Returns ``cfg``."""
+    problems = _field_problems(cfg, "")
+    problems += _backbone_problems(cfg)
     if not _DEVICE_PATTERN.fullmatch(str(cfg.train.device)):
         problems.append(f"train.device={cfg.train.device!r} must be auto, cpu, cuda or cuda:N")
     problems += [f"{key}={_get(cfg, key)!r} must be a non-empty string" for key in NON_EMPTY_STRINGS
                  if not str(_get(cfg, key)).strip()]
+    if cfg.optim.nesterov and cfg.optim.momentum <= 0:
+        problems.append(f"optim.nesterov=true needs optim.momentum > 0 (got {cfg.optim.momentum})")
+    augment = getattr(cfg.data, "augment", None)
+    if augment is not None and getattr(augment, "scale_max", None) is not None and augment.scale_min > augment.scale_max:
+        problems.append(f"data.augment.scale_min={augment.scale_min} must be <= data.augment.scale_max={augment.scale_max}")
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
@@ -399,28 +262,28 @@ def _get(cfg: Config, key_path: str):
     return node
 
 
-def _range_problems(cfg: Config) -> list[str]:
+def _field_problems(node, prefix: str) -> list[str]:
     problems = []
-    for key, allowed in RANGES.items():
-        value = _get(cfg, key)
-        if value is not None and not allowed.contains(value):
-            problems.append(f"{key}={value!r} {allowed.describe()}")
-    return problems
-
-
-def _choice_problems(cfg: Config) -> list[str]:
-    return [f"{key}={_get(cfg, key)!r} must be one of: {', '.join(choices)}"
-            for key, choices in CHOICES.items() if _get(cfg, key) not in choices]
-
-
-def _normalisation_problems(cfg: Config) -> list[str]:
-    problems = []
-    for key, values, allowed in (("data.mean", cfg.data.mean, _FRACTION), ("data.std", cfg.data.std, _FRACTION_ABOVE_ZERO)):
-        if len(values) != 3:
-            problems.append(f"{key}={list(values)} must have 3 values (one per RGB channel)")
-        elif not all(allowed.contains(v) for v in values):
-            problems.append(f"{key}={list(values)}: each value {allowed.describe()} (0..1 pixel scale, "
-                            f"e.g. ImageNet {list(IMAGENET_MEAN if key == 'data.mean' else IMAGENET_STD)})")
+    for f in dataclasses.fields(node):
+        key, value, meta = f"{prefix}{f.name}", getattr(node, f.name), f.metadata
+        if dataclasses.is_dataclass(value):
+            problems += _field_problems(value, f"{key}.")
+            continue
+        hint = f" ({meta['doc']})" if meta.get("doc") else ""
+        if "choices" in meta and value not in meta["choices"]:
+            shown = ", ".join("null" if c is None else str(c) for c in meta["choices"])
+            problems.append(f"{key}={value!r} must be one of: {shown}")
+        allowed: Range | None = meta.get("range")
+        if allowed is not None and value is not None and not allowed.contains(value):
+            problems.append(f"{key}={value!r} {allowed.describe()}{hint}")
+        each: Range | None = meta.get("each")
+        if each is not None and value is not None:
+            lengths = meta.get("lengths")
+            if lengths and len(value) not in lengths:
+                what = "[height, width]" if meta.get("size") else f"{' or '.join(map(str, lengths))} values"
+                problems.append(f"{key}={list(value)} must have {what}{hint}")
+            elif not all(each.contains(v) for v in value):
+                problems.append(f"{key}={list(value)}: each value {each.describe()}{hint}")
     return problems
 
 
@@ -432,4 +295,28 @@ def _backbone_problems(cfg: Config) -> list[str]:
         return [f"model.backbone={cfg.model.backbone!r} is unknown; known backbones: {', '.join(names)}"]
     if cfg.model.backbone == "efficientnet" and cfg.model.phi is None:
         return ["model.backbone='efficientnet' needs model.phi (a compound coefficient, e.g. model.phi=2.5)"]
+    if isinstance(cfg, DetectionConfig):
+        return _detection_scale_problems(cfg)
+    name, _ = backbone_spec(cfg.model)
+    if name not in names:
+        named = [n.rsplit("-b", 1)[1] for n in names if re.fullmatch(r"efficientnet-b\d+", n)]
+        return [f"model.scale={cfg.model.scale!r} names no backbone ({name}); named scales: {', '.join(named)} "
+                f"(or model.phi=<float> for any compound coefficient)"]
+    return []
+
+
+def _detection_scale_problems(cfg: DetectionConfig) -> list[str]:
+    try:
+        from heads import efficientdet_preset
+    except ImportError:  # the detection heads are not built yet
+        return []
+    try:
+        preset = efficientdet_preset(detection_scale(cfg.model))
+    except ValueError as error:
+        return [str(error)]
+    multiple = 2 ** max(preset.levels)
+    size = cfg.data.image_size
+    if size is not None and any(side % multiple for side in size):
+        return [f"data.image_size={list(size)}: each side must be a multiple of {multiple} "
+                f"(2^{max(preset.levels)}, the coarsest BiFPN level)"]
     return []

@@ -1,7 +1,8 @@
-"""``check_dataset``: scan every file of a dataset before a long run and list each problem in one line.
+"""ImageFolder's checker: scan every file before a long run and list each problem in one line.
 
-Used by ``effdense data check``. Layout problems (missing split folders, no or empty class folders,
-classes that differ between splits) come first, then every image that does not decode.
+Used by ``effdense data check`` (through the format table). Layout problems (missing split folders, no
+or empty class folders, classes that differ between splits) come first, then every image that does
+not decode.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from tasks.config import Config
 from .imagefolder import SplitListing, UnreadableImageError, class_mismatch, list_split, read_rgb
 
 
-def check_dataset(source: Config | str | Path, train_split: str = "train", val_split: str = "val",
-                  workers: int = 4, progress: bool = False) -> list[str]:
+def check_imagefolder(source: Config | str | Path, train_split: str = "train", val_split: str = "val",
+                      workers: int = 4, progress: bool = False) -> list[str]:
     """Problems found in the dataset at ``source`` (a ``Config`` or an ImageFolder root); [] when clean.
 
     With a ``Config``, its ``data.root``/splits are scanned and ``model.num_classes`` is compared with
@@ -24,16 +25,13 @@ def check_dataset(source: Config | str | Path, train_split: str = "train", val_s
     """
     cfg = source if isinstance(source, Config) else None
     if cfg is not None:
-        if cfg.data.format != "imagefolder":
-            raise NotImplementedError(f"data.format={cfg.data.format!r}: check is not implemented yet "
-                                      f"(available: 'imagefolder')")
         source, train_split, val_split = cfg.data.root, cfg.data.train_split, cfg.data.val_split
     train, val = list_split(source, train_split), list_split(source, val_split)
     problems = _layout_problems(train, val)
     if cfg is not None and train.classes and len(train.classes) != cfg.model.num_classes:
-        from .loaders import num_classes_problem
+        from .formats import num_classes_problem
 
-        problems.append(num_classes_problem(cfg, train.classes))
+        problems.append(num_classes_problem(cfg, train.classes, train_split))
     paths = [path for listing in (train, val) for path, _ in listing.samples]
     problems += _unreadable_images(paths, workers, progress)
     return problems

@@ -1,26 +1,33 @@
-"""``build_loaders(cfg)``: train/val DataLoaders yielding ``(uint8 (N, 3, H, W), int64 (N,))`` batches.
+"""``build_loaders(cfg, splits=...)``: DataLoaders yielding ``(uint8 (N, 3, H, W), targets)`` batches.
 
-Shuffling is seeded by ``train.seed``: the train sampler draws each epoch's order from (seed, epoch)
-and the DataLoader's generator seeds the workers, so two runs with the same seed see the same batches.
-Call ``loaders["train"].sampler.set_epoch(epoch)`` at the start of each epoch (DistributedSampler
-needs it; our single-process sampler advances by itself when it is not called, and agrees when it is).
+The format table (``tasks.data.formats``) gives each split's dataset and collate function. Shuffling is
+seeded by ``train.seed``: the train sampler draws each epoch's order from (seed, epoch) and the
+DataLoader's generator seeds the workers, so two runs with the same seed see the same batches.
+Under torchrun the process group is joined here, before any sampler exists, so the loaders are always
+sharded across the ranks (training: ``DistributedSampler``; evaluation: disjoint shards, no padding).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from tasks.config import Config, resolve_image_size
+from tasks.config import Config
+from tasks.engine.distributed import setup_process
 
 from . import DataError
-from .imagefolder import ImageFolderDataset, class_mismatch
-from .transforms import classification_eval_transform, classification_train_transform
+from .formats import FORMATS, formats_for
+
+SPLITS = ("train", "val")
 
 
 class EpochShuffleSampler(Sampler[int]):
     """A random permutation per epoch drawn from ``seed + epoch`` (the DistributedSampler convention)."""
+
+    num_replicas = 1
 
     def __init__(self, length: int, seed: int = 0):
         self.length, self.seed, self.epoch = length, seed, 0
@@ -42,6 +49,7 @@ class ShardSampler(Sampler[int]):
 
     def __init__(self, length: int, rank: int, world_size: int):
         self.indices = range(rank, length, world_size)
+        self.num_replicas = world_size
 
     def __iter__(self):
         return iter(self.indices)
@@ -50,34 +58,29 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def build_loaders(cfg: Config) -> dict[str, DataLoader]:
-    """``{"train": DataLoader, "val": DataLoader}`` for ``cfg.data``; class names at ``loader.dataset.classes``."""
-    if cfg.data.format != "imagefolder":
-        raise NotImplementedError(f"data.format={cfg.data.format!r}: loaders are not implemented yet "
-                                  f"(available: 'imagefolder')")
-    if cfg.model.task != "classification":
-        raise DataError(f"data.format='imagefolder' holds classification data, but model.task={cfg.model.task!r}")
-    size = resolve_image_size(cfg)
-    data = cfg.data
-    train_set = ImageFolderDataset(data.root, data.train_split, classification_train_transform(data.augment, size),
-                                   data.on_bad_sample)
-    val_set = ImageFolderDataset(data.root, data.val_split, classification_eval_transform(data.augment, size),
-                                 data.on_bad_sample)
-    mismatch = class_mismatch(train_set.listing, val_set.listing)
-    if mismatch:
-        raise DataError(f"data.root '{data.root}': {mismatch}")
-    if train_set.num_classes != cfg.model.num_classes:
-        raise DataError(num_classes_problem(cfg, train_set.classes))
-    return {"train": _make_loader(train_set, cfg, train=True), "val": _make_loader(val_set, cfg, train=False)}
+class SequentialShard(SequentialSampler):
+    num_replicas = 1
 
 
-def num_classes_problem(cfg: Config, classes: list[str]) -> str:
-    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-    return (f"model.num_classes={cfg.model.num_classes} but data.root '{cfg.data.root}' has {len(classes)} class "
-            f"folders in '{cfg.data.train_split}' ({shown}); set model.num_classes={len(classes)}")
+def build_loaders(cfg: Config, splits: Sequence[str] = SPLITS) -> dict[str, DataLoader]:
+    """``{split: DataLoader}`` for the ``splits`` asked for ("train" and/or "val"), nothing more."""
+    row = FORMATS.get(cfg.data.format)
+    if row is None or row.task != cfg.model.task:
+        raise DataError(f"data.format={cfg.data.format!r} does not feed model.task={cfg.model.task!r}; "
+                        f"formats for {cfg.model.task}: {', '.join(formats_for(cfg.model.task))}")
+    unknown = [split for split in splits if split not in SPLITS]
+    if unknown:
+        raise ValueError(f"build_loaders: unknown splits {unknown}; expected a subset of {SPLITS}")
+    setup_process(cfg.train.device, cfg.train.deterministic)  # under torchrun: join before any sampler exists
+    loaders = {}
+    for split in splits:
+        train = split == "train"
+        dataset = row.dataset(cfg, cfg.data.train_split if train else cfg.data.val_split, train)
+        loaders[split] = _make_loader(dataset, cfg, train, row.collate(train))
+    return loaders
 
 
-def _make_loader(dataset: Dataset, cfg: Config, train: bool) -> DataLoader:
+def _make_loader(dataset: Dataset, cfg: Config, train: bool, collate_fn=None) -> DataLoader:
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     if distributed and train:
@@ -85,11 +88,12 @@ def _make_loader(dataset: Dataset, cfg: Config, train: bool) -> DataLoader:
     elif distributed:  # evaluation: every image exactly once across the ranks (no padding repeats)
         sampler = ShardSampler(len(dataset), rank, dist.get_world_size())
     else:
-        sampler = EpochShuffleSampler(len(dataset), cfg.train.seed) if train else SequentialSampler(dataset)
+        sampler = EpochShuffleSampler(len(dataset), cfg.train.seed) if train else SequentialShard(dataset)
     batch_size = cfg.data.batch_size if train else (cfg.data.eval_batch_size or cfg.data.batch_size)
     if train and len(sampler) < batch_size:
+        where = getattr(dataset, "split_dir", None) or getattr(dataset, "root", "the training split")
         raise DataError(f"data.batch_size={batch_size} is larger than the {len(sampler)} training images per process "
-                        f"in '{dataset.split_dir}'; with drop_last no batch would remain")
+                        f"in '{where}'; with drop_last no batch would remain")
     workers = cfg.data.workers
     # Each rank gets its own worker seeds (different augmentations), reproducible from train.seed.
     stream = 2 * rank + (0 if train else 1)
@@ -99,6 +103,7 @@ def _make_loader(dataset: Dataset, cfg: Config, train: bool) -> DataLoader:
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
+        collate_fn=collate_fn,
         pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
         persistent_workers=cfg.data.persistent_workers and workers > 0,
         drop_last=train,

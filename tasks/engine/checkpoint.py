@@ -18,6 +18,7 @@ needs ``persistent_workers=False`` (persistent workers carry their RNG across ep
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -28,6 +29,9 @@ import numpy as np
 import torch
 
 from backbones.files import TEMP_MARKER, atomic_write, write_safetensors
+from backbones.weights import checkpoint_network_state
+
+from .errors import EngineError
 
 FORMAT = "effdense-checkpoint-v1"
 
@@ -59,16 +63,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint with ``weights_only=True``; a missing or damaged file is a one-line error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a last.pt or best.pt "
+        raise EngineError(f"checkpoint {path} does not exist; pass the path of a last.pt or best.pt "
                                 f"written by a training run")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for damaged or foreign files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"checkpoint {path} cannot be read ({first_line}); it is damaged or was not "
+        raise EngineError(f"checkpoint {path} cannot be read ({first_line}); it is damaged or was not "
                          f"written by effdense — resume from another checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path} is not an effdense training checkpoint (no format "
+        raise EngineError(f"checkpoint {path} is not an effdense training checkpoint (no format "
                          f"'{FORMAT}'); pass a last.pt or best.pt from a run directory")
     return state
 
@@ -122,16 +126,17 @@ def seed_everything(seed: int) -> None:
 
 
 def training_state(*, model, ema, optimizer, scheduler, scaler, position: dict[str, int], rng: list | None,
-                   config: dict, best: dict) -> dict[str, Any]:
+                   config: dict, best: dict, meta: dict | None = None) -> dict[str, Any]:
     """Everything ``--resume`` needs, as one ``weights_only``-readable dict.
 
     ``position`` holds ``epoch`` (0-based, the epoch in progress or next), ``step`` (optimizer steps
-    done), ``batch_in_epoch`` (batches of that epoch already consumed) and ``world_size``; ``rng`` has
-    one entry per rank.
+    done), ``batch_in_epoch`` (batches of that epoch already consumed), ``world_size``, and what fixed
+    the schedule: ``steps_per_epoch`` and ``global_batch``; ``rng`` has one entry per rank.
+    ``meta`` (``task``, ``class_names``) lets predict/export work without the dataset.
     ``net_prefix`` records where the exportable network sits inside the task model's state dict.
     """
     return {
-        "format": FORMAT, **position, "rng": rng, "config": config, "best": best,
+        "format": FORMAT, **position, "rng": rng, "config": config, "best": best, "meta": meta or {},
         "model": model.state_dict(), "net_prefix": "net." if hasattr(model, "net") else "",
         "ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -146,6 +151,7 @@ def write_run_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], *, l
     if last:
         save_checkpoint(run_dir / "last.pt", state)
         metadata = {"epoch": str(state["epoch"]), "step": str(state["step"]), "ema": str(ema).lower()}
+        metadata.update(meta_to_strings(state.get("meta") or {}))
         save_safetensors(run_dir / "model.safetensors", network.state_dict(), metadata=metadata)
     if best and last:
         atomic_copy(run_dir / "last.pt", run_dir / "best.pt")
@@ -164,17 +170,45 @@ def restore_training_state(state: dict[str, Any], path: str | os.PathLike, *, mo
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, ValueError, KeyError) as error:
         reason = " ".join(str(error).split())[:300]
-        raise ValueError(f"checkpoint {path} does not fit this model/optimizer ({reason}); resume with the "
+        raise EngineError(f"checkpoint {path} does not fit this model/optimizer ({reason}); resume with the "
                          f"config the run was started with") from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
 
 
 def network_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The exportable network's weights from a training checkpoint: EMA weights when it holds them."""
-    if state.get("ema") is not None:
-        weights = {key[len("module."):]: value for key, value in state["ema"].items() if key.startswith("module.")}
-    else:
-        weights = state["model"]
-    prefix = state.get("net_prefix", "")
-    return {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
+    """The exportable network's weights from a training checkpoint: EMA weights when it holds them
+    (the one rule, shared with every weight loader: ``backbones.weights.checkpoint_network_state``)."""
+    return checkpoint_network_state(state)
+
+
+def meta_to_strings(meta: dict[str, Any]) -> dict[str, str]:
+    """``meta`` as safetensors metadata (string values): ``effdense.task``, ``effdense.class_names`` (JSON)."""
+    out = {}
+    if meta.get("task"):
+        out["effdense.task"] = str(meta["task"])
+    if meta.get("class_names") is not None:
+        out["effdense.class_names"] = json.dumps(list(meta["class_names"]))
+    return out
+
+
+def weights_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"task": ..., "class_names": [...]}`` stored with a run's weights (``last.pt``/``best.pt`` or
+    ``model.safetensors``); {} for files from elsewhere (torchvision, timm, ...) or unreadable ones."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                raw = handle.metadata() or {}
+            meta = {"task": raw.get("effdense.task")}
+            if "effdense.class_names" in raw:
+                meta["class_names"] = json.loads(raw["effdense.class_names"])
+            return {k: v for k, v in meta.items() if v is not None}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # the weight loader reports unreadable files with the reason
+        return {}
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return {k: v for k, v in (state.get("meta") or {}).items() if v is not None}
+    return {}

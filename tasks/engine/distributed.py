@@ -161,6 +161,14 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def global_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all ranks and divided by the world size, as a new tensor (itself in one
+    process). The normaliser for a loss divided by a global count: DDP averages gradients over ranks, so
+    ``local_sum / global_mean(count)`` gives every rank's gradient the weight of the global mean."""
+    tensor = tensor.detach().clone()
+    return all_reduce_mean_(tensor)
+
+
 def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
     if is_enabled():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)

@@ -1,4 +1,4 @@
-"""Optimizer, per-iteration learning-rate schedule and EMA builders (torch.optim pieces only).
+"""Optimizer, per-iteration learning-rate schedule and EMA builders (torch.optim pieces, plus TF's RMSProp).
 
 * The learning rate is scaled linearly with the global batch:
   ``lr = optim.lr * batch_size * world_size * grad_accum / optim.base_batch_size``.
@@ -8,6 +8,10 @@
   ``round(warmup_epochs * steps_per_epoch)`` steps from ``warmup_start_factor`` to 1, then cosine
   (down to ``min_lr_ratio``), step (``step_gamma`` every ``step_epochs``, counted from the end of
   warm-up), polynomial (``poly_power``, to 0) or constant — chained with ``SequentialLR``.
+* ``rmsprop_tf`` is TensorFlow 1's RMSProp, which the EfficientNet recipe was tuned with; torch's
+  ``RMSprop`` differs in two places that matter at eps 1e-3 (see :class:`RMSpropTF`).
+
+Values come from a validated config (``tasks.config``): choices and ranges are not re-checked here.
 """
 
 from __future__ import annotations
@@ -20,16 +24,9 @@ from torch import nn
 from torch.optim import lr_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-OPTIMIZERS = ("sgd", "rmsprop", "adamw")
-SCHEDULES = ("cosine", "step", "poly", "constant")
-
-
 def scaled_lr(cfg: Any, world_size: int = 1) -> float:
     """The peak learning rate for this run: ``optim.lr`` scaled by global batch / ``optim.base_batch_size``."""
     global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum
-    if cfg.optim.base_batch_size <= 0:
-        raise ValueError(f"optim.base_batch_size={cfg.optim.base_batch_size} must be a positive integer; "
-                         f"fix it in the config (256 is the usual reference)")
     return cfg.optim.lr * global_batch / cfg.optim.base_batch_size
 
 
@@ -47,21 +44,78 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_and_bias: 
     return [group for group in groups if group["params"]]
 
 
+class RMSpropTF(torch.optim.Optimizer):
+    """RMSProp as TensorFlow 1's ``tf.train.RMSPropOptimizer`` (the EfficientNet reference), per parameter:
+
+        g  = grad + weight_decay * param              (TF adds the L2 term to the loss)
+        ms = alpha * ms + (1 - alpha) * g^2           (ms starts at 1, not 0)
+        mom = momentum * mom + lr * g / sqrt(ms + eps)   (eps inside the square root)
+        param -= mom
+
+    torch's ``RMSprop`` starts ``ms`` at 0 (so the first steps are ~3x larger at alpha 0.9) and adds eps
+    outside the square root (eps 1e-3 there is a much weaker damping than TF's).
+    """
+
+    def __init__(self, params, lr: float, alpha: float = 0.9, eps: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["square_avg"] = torch.ones_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            squares = [self.state[p]["square_avg"] for p in params]
+            torch._foreach_mul_(squares, group["alpha"])
+            torch._foreach_addcmul_(squares, grads, grads, value=1 - group["alpha"])
+            denominators = torch._foreach_add(squares, group["eps"])
+            torch._foreach_sqrt_(denominators)
+            if group["momentum"] > 0:
+                buffers = [self.state[p]["momentum_buffer"] for p in params]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_addcdiv_(buffers, grads, denominators, value=group["lr"])
+                torch._foreach_sub_(params, buffers)
+            else:
+                torch._foreach_addcdiv_(params, grads, denominators, value=-group["lr"])
+        return loss
+
+
+def _sgd(groups, lr, opt):
+    return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov)
+
+
+def _rmsprop(groups, lr, opt):
+    return torch.optim.RMSprop(groups, lr=lr, alpha=opt.rmsprop_alpha, eps=opt.eps, momentum=opt.momentum)
+
+
+def _rmsprop_tf(groups, lr, opt):
+    return RMSpropTF(groups, lr=lr, alpha=opt.rmsprop_alpha, eps=opt.eps, momentum=opt.momentum)
+
+
+def _adamw(groups, lr, opt):
+    return torch.optim.AdamW(groups, lr=lr, eps=opt.eps)
+
+
+OPTIMIZERS = {"sgd": _sgd, "rmsprop": _rmsprop, "rmsprop_tf": _rmsprop_tf, "adamw": _adamw}
+
+
 def build_optimizer(model: nn.Module, cfg: Any, world_size: int = 1) -> torch.optim.Optimizer:
-    """``cfg.optim.name`` (sgd | rmsprop | adamw) over ``model``'s trainable parameters at the scaled LR."""
+    """``cfg.optim.name`` (see ``OPTIMIZERS``) over ``model``'s trainable parameters at the scaled LR."""
     opt = cfg.optim
-    lr = scaled_lr(cfg, world_size)
     groups = param_groups(model, opt.weight_decay, opt.no_decay_norm_and_bias)
-    if opt.name == "sgd":
-        if opt.nesterov and opt.momentum <= 0:
-            raise ValueError(f"optim.nesterov=true needs optim.momentum > 0 (got {opt.momentum}); "
-                             f"set a momentum or turn nesterov off")
-        return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov)
-    if opt.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=lr, alpha=opt.rmsprop_alpha, eps=opt.eps, momentum=opt.momentum)
-    if opt.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, eps=opt.eps)
-    raise ValueError(f"optim.name={opt.name!r} is not one of {'|'.join(OPTIMIZERS)}; fix optim.name in the config")
+    return OPTIMIZERS[opt.name](groups, scaled_lr(cfg, world_size), opt)
 
 
 def steps_per_epoch(batches_per_epoch: int, grad_accum: int) -> int:
@@ -75,45 +129,41 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: 
     total = max(1, cfg.train.epochs * steps_per_epoch)
     warmup = min(total, max(0, round(sched.warmup_epochs * steps_per_epoch)))
     main_steps = max(1, total - warmup)
-    if sched.name == "cosine":
-        eta_min = optimizer.param_groups[0]["lr"] * sched.min_lr_ratio  # every group has the same peak lr
-        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=eta_min)
-    elif sched.name == "step":
-        main = lr_scheduler.StepLR(optimizer, step_size=max(1, round(sched.step_epochs * steps_per_epoch)),
-                                   gamma=sched.step_gamma)
-    elif sched.name == "poly":
-        main = lr_scheduler.PolynomialLR(optimizer, total_iters=main_steps, power=sched.poly_power)
-    elif sched.name == "constant":
-        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    else:
-        raise ValueError(f"schedule.name={sched.name!r} is not one of {'|'.join(SCHEDULES)}; "
-                         f"fix schedule.name in the config")
+    main = _MAIN_SCHEDULES[sched.name](optimizer, sched, steps_per_epoch, main_steps)
     if warmup == 0:
         return main
-    if not 0.0 < sched.warmup_start_factor <= 1.0:
-        raise ValueError(f"schedule.warmup_start_factor={sched.warmup_start_factor} must be in (0, 1]; "
-                         f"fix it in the config (0.01 is usual)")
     warm = lr_scheduler.LinearLR(optimizer, start_factor=sched.warmup_start_factor, end_factor=1.0,
                                  total_iters=warmup)
     return lr_scheduler.SequentialLR(optimizer, schedulers=[warm, main], milestones=[warmup])
 
 
+_MAIN_SCHEDULES = {
+    # every param group has the same peak lr, so the cosine floor is one number
+    "cosine": lambda opt, s, per_epoch, steps: lr_scheduler.CosineAnnealingLR(
+        opt, T_max=steps, eta_min=opt.param_groups[0]["lr"] * s.min_lr_ratio),
+    "step": lambda opt, s, per_epoch, steps: lr_scheduler.StepLR(
+        opt, step_size=max(1, round(s.step_epochs * per_epoch)), gamma=s.step_gamma),
+    "poly": lambda opt, s, per_epoch, steps: lr_scheduler.PolynomialLR(opt, total_iters=steps, power=s.poly_power),
+    "constant": lambda opt, s, per_epoch, steps: lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0),
+}
+
+
 class ModelEMA:
     """EMA of a model's parameters and buffers, held in ``AveragedModel(use_buffers=True)``.
 
-    The averaging function is ``get_ema_multi_avg_fn(decay)`` and the result equals
-    ``AveragedModel.update_parameters`` step for step; ``update`` only avoids what that method costs
-    per call on a GPU — two device->host reads of ``n_averaged``, re-grouping every tensor, and ~4
-    kernels per integer buffer (BatchNorm's ``num_batches_tracked``) — by grouping once, counting
+    Each update moves the copy towards the model by ``1 - d``: ``d = decay``, or with ``warmup`` (TF's
+    ``ExponentialMovingAverage(num_updates=...)``, timm's warm-up) ``d = min(decay, (1 + n) / (10 + n))``
+    after ``n`` updates, so early weights are not frozen in for thousands of steps. Without warm-up the
+    result equals ``AveragedModel.update_parameters`` with ``get_ema_multi_avg_fn(decay)`` step for step;
+    ``update`` only avoids what that method costs per call on a GPU (two device->host reads of
+    ``n_averaged``, re-grouping every tensor, ~4 kernels per integer buffer) by grouping once, counting
     updates on the host, and doing the integer buffers' identical arithmetic on one stacked tensor.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"train.ema_decay={decay} must be in [0, 1]; fix it in the config (0.9999 is usual)")
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.averaged.requires_grad_(False)
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self._source: nn.Module | None = None
         self._groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self.updates = 0
@@ -121,6 +171,12 @@ class ModelEMA:
     @property
     def module(self) -> nn.Module:
         return self.averaged.module
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     def _bind(self, model: nn.Module) -> None:
         averaged = [t.detach() for t in (*self.module.parameters(), *self.module.buffers())]
@@ -141,13 +197,17 @@ class ModelEMA:
         """One EMA step towards ``model`` (the first call copies, as ``AveragedModel`` does)."""
         if model is not self._source:
             self._bind(model)
+        decay = self.current_decay()
         for ema_tensors, model_tensors in self._groups:
             if self.updates == 0:
                 torch._foreach_copy_(ema_tensors, model_tensors)
-            elif ema_tensors[0].is_floating_point() or len({t.shape for t in ema_tensors}) > 1:
-                self.averaged.multi_avg_fn(ema_tensors, model_tensors, None)
+            elif ema_tensors[0].is_floating_point():
+                torch._foreach_lerp_(ema_tensors, model_tensors, 1 - decay)
+            elif len({t.shape for t in ema_tensors}) > 1:
+                for ema_tensor, model_tensor in zip(ema_tensors, model_tensors):
+                    ema_tensor.copy_(ema_tensor * decay + model_tensor * (1 - decay))
             else:  # get_ema_multi_avg_fn's integer branch, p * decay + q * (1 - decay), on one stack
-                mixed = torch.stack(ema_tensors) * self.decay + torch.stack(model_tensors) * (1 - self.decay)
+                mixed = torch.stack(ema_tensors) * decay + torch.stack(model_tensors) * (1 - decay)
                 torch._foreach_copy_(ema_tensors, list(mixed.unbind()))
         self.updates += 1
         self.averaged.n_averaged.fill_(self.updates)

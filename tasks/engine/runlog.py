@@ -24,36 +24,22 @@ from .checkpoint import atomic_write
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 METRICS_PLOT = "metrics.png"
+# What one run writes (besides TensorBoard's events.out.* files): a reused directory is checked for these.
+RUN_FILES = (METRICS_FILE, LOSS_PLOT, METRICS_PLOT, "config.yaml", "last.pt", "best.pt", "model.safetensors")
 
 
 def config_dict(cfg: Any) -> dict:
-    """The config as plain dicts/lists/scalars (``tasks.config.to_dict`` when present)."""
-    try:
-        from ..config import to_dict
-    except ImportError:
-        to_dict = None
-    if to_dict is not None:
-        return to_dict(cfg)
-    from omegaconf import OmegaConf
+    """The config as plain dicts/lists/scalars."""
+    from ..config import to_dict
 
-    node = cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)
-    return OmegaConf.to_container(node, resolve=True)
+    return to_dict(cfg)
 
 
 def write_config(cfg: Any, path: str | os.PathLike) -> None:
-    """``config.yaml`` via ``tasks.config.save`` when present, else OmegaConf's YAML of the dataclass."""
-    try:
-        from ..config import save
-    except ImportError:
-        save = None
-    if save is not None:
-        save(cfg, path)
-        return
-    from omegaconf import OmegaConf
+    """``config.yaml``: the resolved config, a complete file ``tasks.config.load`` reads back."""
+    from ..config import save
 
-    node = cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)
-    text = OmegaConf.to_yaml(node)
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    save(cfg, path)
 
 
 def _finite_or_none(value: Any) -> Any:

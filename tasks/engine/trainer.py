@@ -3,8 +3,16 @@
 Task protocol. ``model(images, targets)`` in train mode returns ``dict[str, Tensor]`` of scalar losses
 (summed for backward, each logged); in eval mode ``model(images)`` returns predictions.
 ``model.make_evaluator()`` gives ``reset() / update(preds, targets) / compute() -> dict`` with
-``primary_metric`` and ``higher_is_better``; optional ``model.net`` is what ``model.safetensors`` holds.
-Loaders: ``{"train": DataLoader, "val": DataLoader}`` of ``(uint8 NCHW images, targets)``.
+``primary_metric`` and ``higher_is_better``; optional ``model.net`` is what ``model.safetensors`` holds,
+optional ``model.class_names`` (else ``loaders["train"].dataset.classes``) is stored with the weights.
+Loaders: ``{"train": DataLoader, "val": DataLoader}`` of ``(uint8 NCHW images, targets)``; under DDP
+their samplers must shard across the ranks (``tasks.data.build_loaders`` does, and joins the group).
+
+Losses normalised by a global quantity. DDP averages gradients over ranks, so a loss that must be
+divided by a count summed over the whole global batch (detection divides by the positive anchors of
+every image on every rank) divides its local sum by ``distributed.global_mean(count)`` — the count
+all-reduced and divided by the world size — inside ``forward``: every rank runs forward once per
+micro-step, so the collective lines up. In one process it is the count itself.
 
 Host syncs happen only every ``train.log_every`` optimizer steps and at epoch ends: loss terms are
 stacked into a device buffer each step and read (all-reduced under DDP) in one go, which is also when
@@ -34,11 +42,12 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .distributed import to_device
+from .errors import EngineError
+from .evaluate import AMP_DTYPES, autocast, images_to_device, is_improvement, run_evaluation
 from .optim import ModelEMA, build_optimizer, build_schedule, scaled_lr, steps_per_epoch
-from .runlog import LossTracker, RunLog, config_dict, progress_bar, write_config
+from .runlog import RUN_FILES, LossTracker, RunLog, config_dict, progress_bar, write_config
 
 log = logging.getLogger(__name__)
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,51 +72,44 @@ class TrainingInterrupted(RuntimeError):
                          f"(batch {batch_in_epoch} of the epoch); {where}")
 
 
-def _check_config(cfg: Any) -> None:
-    t = cfg.train
-    if t.amp not in AMP_DTYPES:
-        raise ValueError(f"train.amp={t.amp!r} is not one of none|bf16|fp16; fix train.amp in the config")
-    for key in ("grad_accum", "log_every", "eval_every", "checkpoint_every", "epochs"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"train.{key}={getattr(t, key)} must be >= 1; fix train.{key} in the config")
-    if t.clip_grad is not None and t.clip_grad <= 0:
-        raise ValueError(f"train.clip_grad={t.clip_grad} must be > 0 or null; fix train.clip_grad in the config")
-
-
 class Trainer:
     """``Trainer(model, loaders, cfg, run_dir=None).fit()``; call ``resume(path)`` before ``fit`` to continue.
 
     ``run_dir`` defaults to ``train.output_dir/train.run_name`` (``run-<time>`` without a name; a
-    resumed run without either continues in the checkpoint's directory). ``create_run_dir=False``
-    writes nothing (evaluation, benchmarks).
+    resumed run without either continues in the checkpoint's directory). A directory that already holds
+    another run is refused unless ``train.overwrite`` (then its run files are removed first).
+    ``create_run_dir=False`` writes nothing (benchmarks). ``cfg`` is a validated ``tasks.config`` config.
     """
 
     def __init__(self, model: nn.Module, loaders: dict, cfg: Any, run_dir: str | Path | None = None,
                  create_run_dir: bool = True):
-        _check_config(cfg)
         try:
             batches = len(loaders["train"]) if "train" in loaders else 1  # evaluation-only without "train"
         except TypeError:
-            raise ValueError("the train loader has no length (an IterableDataset?); the engine needs "
+            raise EngineError("the train loader has no length (an IterableDataset?); the engine needs "
                              "len(loader) to place the schedule and to resume mid-epoch") from None
         t = self.train_cfg = cfg.train
         self.cfg, self.loaders = cfg, loaders
         self.device, self.dist = dist_utils.setup_process(t.device, t.deterministic)
+        _check_sharded(loaders, self.dist.world_size)
         ckpt.seed_everything(t.seed + self.dist.rank)
-        self.amp_dtype = AMP_DTYPES[t.amp]
         self.scaler = torch.amp.GradScaler(self.device.type) if t.amp == "fp16" else None
         if self.scaler is not None:  # a step the scaler skips (inf grads) still advances the schedule: expected
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         self.channels_last = bool(t.channels_last)
+        if t.grad_checkpointing:
+            _enable_grad_checkpointing(model)
+        self.class_names = _class_names(model, loaders)
         model = model.to(self.device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
         if cfg.model.sync_bn and self.dist.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif cfg.model.sync_bn and self.dist.enabled:
             log.warning("model.sync_bn=true ignored: SyncBatchNorm needs CUDA; CPU processes keep their own statistics")
         self.model = model  # the plain task module: what checkpoints hold and evaluation runs
-        self.ema = ModelEMA(model, t.ema_decay) if t.ema else None
+        self.ema = ModelEMA(model, t.ema_decay, warmup=t.ema_warmup) if t.ema else None
         self.optimizer = build_optimizer(model, cfg, self.dist.world_size)
         self.steps_per_epoch = steps_per_epoch(batches, t.grad_accum)
+        self.global_batch = cfg.data.batch_size * self.dist.world_size * t.grad_accum
         self.scheduler = build_schedule(self.optimizer, cfg, self.steps_per_epoch)
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.ddp = None
@@ -138,8 +140,8 @@ class Trainer:
         self._evaluator_info: tuple[str, bool] | None = None
         if self.is_main:
             log.info("training on %s x%d: global batch %d, lr %.4g, %d steps/epoch", self.device,
-                     self.dist.world_size, cfg.data.batch_size * self.dist.world_size * t.grad_accum,
-                     scaled_lr(cfg, self.dist.world_size), self.steps_per_epoch)
+                     self.dist.world_size, self.global_batch, scaled_lr(cfg, self.dist.world_size),
+                     self.steps_per_epoch)
 
     @property
     def is_main(self) -> bool:
@@ -153,6 +155,7 @@ class Trainer:
         if "train" not in self.loaders:
             raise ValueError(f"loaders has keys {sorted(self.loaders)} but fit() needs 'train' (and 'val' to evaluate)")
         if self._create_run_dir and self.is_main:
+            self._claim_run_dir()
             ckpt.remove_stale_temp_files(self.run_dir)
             self._runlog = RunLog(self.run_dir, resume_step=self.step if self._last_checkpoint else None)
             write_config(self.cfg, self.run_dir / "config.yaml")
@@ -186,21 +189,10 @@ class Trainer:
         """Run the evaluator over ``loader`` (default ``loaders["val"]``); EMA weights when EMA is on."""
         loader = loader if loader is not None else self.loaders.get("val")
         if loader is None:
-            raise ValueError("no validation loader: pass loaders['val'] to Trainer or a loader to evaluate()")
+            raise EngineError("no validation loader: pass loaders['val'] to Trainer or a loader to evaluate()")
         model = self.ema.module if self.ema is not None else self.model
-        dist_utils.broadcast_buffers_(model)  # DDP keeps rank 0's BN statistics; evaluate with them everywhere
-        evaluator = self.model.make_evaluator()
-        evaluator.reset()
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), self._autocast():
-                for images, targets in progress_bar(loader, enabled=self._bars, desc="eval"):
-                    images = self._images_to_device(images)
-                    evaluator.update(model(images), to_device(targets, self.device))
-            metrics = {name: float(value) for name, value in evaluator.compute().items()}
-        finally:
-            model.train(was_training)
+        metrics, evaluator = run_evaluation(model, loader, self.device, self.train_cfg.amp, self.channels_last,
+                                            progress=self._bars)
         self._evaluator_info = (evaluator.primary_metric, bool(evaluator.higher_is_better))
         return metrics
 
@@ -238,11 +230,18 @@ class Trainer:
             old, new = _lookup(saved, key), _lookup(current, key)
             if old is not None and old != new:
                 changed.append(f"{key} {old} -> {new}")
+        # The schedule's length and the scaled LR were fixed by these: a new dataset size or world size
+        # would keep the old T_max / LR (cosine climbing again after its old end).
+        for key, now in (("steps_per_epoch", self.steps_per_epoch), ("global_batch", self.global_batch)):
+            then = state.get(key)
+            if then is not None and then != now:
+                why = "a different dataset size or world size" if key == "steps_per_epoch" else "a different world size"
+                changed.append(f"{key.replace('_', ' ')} {then} -> {now} ({why})")
         processes = len(state.get("rng") or [])
         if processes and processes != self.dist.world_size and state["batch_in_epoch"]:
             changed.append(f"processes {processes} -> {self.dist.world_size} (mid-epoch checkpoint)")
         if changed:
-            raise ValueError(f"cannot resume {path}: {'; '.join(changed)} differ from the run that wrote it; resume "
+            raise EngineError(f"cannot resume {path}: {'; '.join(changed)} differ from the run that wrote it; resume "
                              f"with the same settings, or start a new run from its weights (eval/--set model.weights)")
 
     # ------------------------------------------------------------------ one epoch
@@ -366,10 +365,10 @@ class Trainer:
             primary, higher_is_better = self._evaluator_info
             if primary not in metrics:
                 raise KeyError(f"the evaluator's primary_metric {primary!r} is not among its metrics {sorted(metrics)}")
-            value = metrics[primary]
-            improved = self.best is None or (value > self.best if higher_is_better else value < self.best)
-            if math.isfinite(value) and improved:
-                self.best, is_best = value, True
+            # Rank 0 decides: the save that follows is collective, and ranks that disagreed would deadlock.
+            is_best = bool(dist_utils.broadcast_object(is_improvement(metrics[primary], self.best, higher_is_better)))
+            if is_best:
+                self.best = float(dist_utils.broadcast_object(metrics[primary]))
         record = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                   "img_per_s": self._epoch_images * self.dist.world_size / max(self._epoch_seconds, 1e-9),
                   "epoch_time_s": self._epoch_seconds}
@@ -402,7 +401,9 @@ class Trainer:
                 model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, rng=rng, config=config_dict(self.cfg),
                 position={"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-                          "world_size": self.dist.world_size},
+                          "world_size": self.dist.world_size, "steps_per_epoch": self.steps_per_epoch,
+                          "global_batch": self.global_batch},
+                meta=self._meta(),
                 best={"value": self.best, "metric": self._evaluator_info[0] if self._evaluator_info else None})
             exported = self.ema.module if self.ema is not None else self.model
             ckpt.write_run_checkpoint(self.run_dir, state, last=last, best=best,
@@ -423,8 +424,26 @@ class Trainer:
         raise error
 
     def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)  # uint8 travels; the task model normalises
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        return images_to_device(images, self.device, self.channels_last)  # uint8 travels; the task normalises
+
+    def _meta(self) -> dict:
+        """What a reader of the weights needs without the dataset: the task and the class names."""
+        return {"task": self.cfg.model.task, "class_names": self.class_names}
+
+    def _claim_run_dir(self) -> None:
+        """Refuse a directory holding another run (unless ``train.overwrite``, which clears its run files)."""
+        if self._last_checkpoint is not None or not self.run_dir.is_dir():
+            return  # resuming continues this directory's run
+        found = sorted(p.name for p in self.run_dir.iterdir() if p.name in RUN_FILES or p.name.startswith("events.out"))
+        if not found:
+            return
+        if not self.train_cfg.overwrite:
+            raise EngineError(f"run directory {self.run_dir} already holds a run ({', '.join(found[:4])}); continue it "
+                              f"with --resume {self.run_dir / 'last.pt'}, choose another --output / train.run_name, "
+                              f"or pass --overwrite (train.overwrite=true) to replace it")
+        for name in found:
+            (self.run_dir / name).unlink()
+        log.info("train.overwrite: removed the previous run's files from %s", self.run_dir)
 
     def _max_steps_reached(self) -> bool:
         return self.train_cfg.max_steps is not None and self.step >= self.train_cfg.max_steps
@@ -434,9 +453,7 @@ class Trainer:
         return bool(self.train_cfg.progress) and self.is_main
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.train_cfg.amp)
 
 
 def _lookup(tree: dict, dotted: str):
@@ -445,3 +462,33 @@ def _lookup(tree: dict, dotted: str):
             return None
         tree = tree[part]
     return tree
+
+
+def _check_sharded(loaders: dict, world_size: int) -> None:
+    """Under DDP every loader must shard across the ranks; a loader built before the process group was
+    joined would silently feed every rank the whole dataset."""
+    if world_size <= 1:
+        return
+    for name, loader in loaders.items():
+        sampler = getattr(loader, "sampler", None)
+        if getattr(sampler, "num_replicas", None) != world_size:
+            raise EngineError(f"loaders[{name!r}] is not sharded across the {world_size} processes (its sampler is "
+                              f"{type(sampler).__name__}); build loaders with tasks.data.build_loaders, which joins the "
+                              f"process group first, or give them a DistributedSampler")
+
+
+def _enable_grad_checkpointing(model: nn.Module) -> None:
+    """``train.grad_checkpointing``: every sub-module that supports it recomputes its activations."""
+    modules = [m for m in model.modules() if hasattr(m, "set_grad_checkpointing")]
+    if not modules:
+        raise EngineError(f"train.grad_checkpointing=true but {type(model).__name__} has no module with "
+                          f"set_grad_checkpointing(); turn it off")
+    for module in modules:
+        module.set_grad_checkpointing(True)
+
+
+def _class_names(model: nn.Module, loaders: dict) -> list[str] | None:
+    names = getattr(model, "class_names", None)
+    if names is None and "train" in loaders:
+        names = getattr(getattr(loaders["train"], "dataset", None), "classes", None)
+    return [str(name) for name in names] if names is not None else None

@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 import backbones
+from backbones.errors import WeightsError
 from backbones import weights as W
 from tasks.classification import build_classifier
 
@@ -324,7 +325,7 @@ def test_shape_mismatch_named(tv_b0):
 
 
 def test_missing_file():
-    message = _one_line_error(FileNotFoundError, W.load_weights, backbones.create("efficientnet-b0"),
+    message = _one_line_error(WeightsError, W.load_weights, backbones.create("efficientnet-b0"),
                               "/nonexistent/b0.pth")
     assert "/nonexistent/b0.pth" in message
 

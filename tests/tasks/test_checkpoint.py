@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from tasks.engine import EngineError
 from tasks.engine import checkpoint as ckpt
 from tasks.engine.optim import ModelEMA, build_optimizer, build_schedule
 from tests.tasks.toy_task import ToyTask, make_config
@@ -126,13 +127,13 @@ def test_sigkill_during_writes_never_breaks_last_pt(tmp_path):
 
 
 def test_load_checkpoint_errors_are_one_line(tmp_path):
-    with pytest.raises(FileNotFoundError) as missing:
+    with pytest.raises(EngineError) as missing:  # a user error: the CLI prints it as one line
         ckpt.load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "garbage.pt").write_bytes(b"\x00not a zip file at all" * 10)
-    with pytest.raises(ValueError) as garbage:
+    with pytest.raises(EngineError) as garbage:
         ckpt.load_checkpoint(tmp_path / "garbage.pt")
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError) as foreign:
+    with pytest.raises(EngineError) as foreign:
         ckpt.load_checkpoint(tmp_path / "foreign.pt")
     for error, name in [(missing, "nope.pt"), (garbage, "garbage.pt"), (foreign, "foreign.pt")]:
         assert name in str(error.value) and "\n" not in str(error.value)
@@ -148,7 +149,7 @@ def test_mismatched_checkpoint_is_a_one_line_error(tmp_path):
                                 best={"value": None, "metric": None})
     other = nn.Sequential(nn.Linear(3, 3))
     other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(EngineError) as caught:
         ckpt.restore_training_state(state, "x/last.pt", model=other, ema=None, optimizer=other_optimizer,
                                     scheduler=torch.optim.lr_scheduler.ConstantLR(other_optimizer), scaler=None)
     assert "x/last.pt" in str(caught.value) and "\n" not in str(caught.value)

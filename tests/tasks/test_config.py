@@ -25,7 +25,7 @@ def test_imagenet_preset_is_the_published_recipe():
     # Tan & Le 2019 / TF reference recipe (shared/reference/efficientnet.md, "Training recipe").
     assert (cfg.model.backbone, cfg.model.num_classes, cfg.model.drop_path) == ("efficientnet-b0", 1000, 0.2)
     assert (cfg.data.format, cfg.data.root, cfg.data.image_size, cfg.data.batch_size) == ("imagefolder", "data/imagenet", None, 128)
-    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.base_batch_size) == ("rmsprop", 0.016, 256)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.base_batch_size) == ("rmsprop_tf", 0.016, 256)
     assert (cfg.optim.rmsprop_alpha, cfg.optim.momentum, cfg.optim.eps, cfg.optim.weight_decay) == (0.9, 0.9, 1e-3, 1e-5)
     assert cfg.optim.no_decay_norm_and_bias
     assert (cfg.schedule.name, cfg.schedule.step_gamma, cfg.schedule.step_epochs, cfg.schedule.warmup_epochs) == ("step", 0.97, 2.4, 5)
@@ -33,13 +33,13 @@ def test_imagenet_preset_is_the_published_recipe():
     augment = cfg.data.augment
     assert (augment.randaugment, augment.randaugment_ops, augment.randaugment_magnitude) == (True, 2, 9)
     assert (cfg.train.amp, cfg.train.channels_last, cfg.data.workers) == ("bf16", True, 8)
-    assert C.resolve_image_size(cfg) == 224  # B0's native resolution (paper, Table 1)
+    assert C.resolve_image_size(cfg) == (224, 224)  # B0's native resolution (paper, Table 1)
 
 
 def test_demo_preset_is_cpu_sized():
     cfg = C.load(DEMO)
     assert cfg.data.root == "runs/demo-data/classification" and cfg.data.format == "imagefolder"
-    assert C.resolve_image_size(cfg) == 64
+    assert C.resolve_image_size(cfg) == (64, 64)
     assert (cfg.train.amp, cfg.train.ema, cfg.data.augment.randaugment, cfg.data.pin_memory) == ("none", False, False, False)
     assert cfg.model.num_classes == 4 and cfg.data.workers <= 2 and cfg.data.batch_size <= 32
 
@@ -50,7 +50,8 @@ def test_every_preset_key_is_written_out():
 
     for path in (IMAGENET, DEMO):
         raw = yaml.safe_load(open(path))
-        assert _key_paths(raw) == _key_paths(C.to_dict(C.Config())), path
+        schema = C.schema_for(raw["model"]["task"])
+        assert _key_paths(raw) == _key_paths(C.to_dict(schema())), path
 
 
 def _key_paths(tree: dict, prefix: str = "") -> set[str]:
@@ -74,18 +75,46 @@ def test_overrides_are_parsed_as_typed_yaml_values():
 @pytest.mark.parametrize("backbone, native", [("efficientnet-b0", 224), ("efficientnet-b4", 380), ("efficientnet-b7", 600)])
 def test_native_resolution_follows_the_backbone(backbone, native):
     # Published input sizes (paper Table 1 / torchvision weights).
-    assert C.resolve_image_size(C.load(IMAGENET, [f"model.backbone={backbone}"])) == native
+    assert C.resolve_image_size(C.load(IMAGENET, [f"model.backbone={backbone}"])) == (native, native)
 
 
 @pytest.mark.parametrize("phi, expected", [(0, 224), (1.5, 280), (-1, 192)])
 def test_native_resolution_follows_gamma_for_a_free_phi(phi, expected):
     # gamma = 1.15 per unit of phi (paper, section 3.3), rounded to a multiple of 8:
     # 224 * 1.15**1.5 = 276.2 -> 280; 224 / 1.15 = 194.8 -> 192.
-    assert C.resolve_image_size(C.load(IMAGENET, [f"model.phi={phi}"])) == expected
+    assert C.resolve_image_size(C.load(IMAGENET, [f"model.phi={phi}"])) == (expected, expected)
 
 
 def test_a_pinned_image_size_wins_over_the_backbone():
-    assert C.resolve_image_size(C.load(IMAGENET, ["model.backbone=efficientnet-b4", "data.image_size=300"])) == 300
+    assert C.resolve_image_size(C.load(IMAGENET, ["model.backbone=efficientnet-b4", "data.image_size=300"])) == (300, 300)
+    assert C.resolve_image_size(C.load(IMAGENET, ["data.image_size=[256,320]"])) == (256, 320)
+    assert C.load(IMAGENET, ["data.image_size=300"]).data.image_size == [300, 300]  # an int means a square
+
+
+def test_model_scale_names_the_b_number():
+    cfg = C.load(IMAGENET, ["model.scale=3"])
+    assert C.resolve_image_size(cfg) == (300, 300)  # B3's published resolution
+    assert "model.scale='9' names no backbone (efficientnet-b9)" in load_error(IMAGENET, "model.scale=9")
+
+
+def test_sections_of_another_task_are_refused_naming_their_task():
+    message = load_error(IMAGENET, "model.segmentation.head=unet")
+    assert "config key 'model.segmentation' is unknown for model.task=classification (it is a segmentation key)" in message
+    assert "valid keys in 'model':" in message and "dropout" in message
+    message = load_error(IMAGENET, "loss.focal_gamma=2")
+    assert "it is a detection key" in message and "label_smoothing" in message
+
+
+def test_each_task_has_its_own_schema_and_native_size():
+    # A classification preset holds classification keys: switching its task names the first foreign one.
+    assert "is unknown for model.task=segmentation" in load_error(IMAGENET, "model.task=segmentation")
+    seg = C.SegmentationConfig()
+    assert C.validate(seg) is seg and seg.native_image_size() == [512, 512]
+    assert seg.data.ignore_index == 255 and seg.model.segmentation.decoder_channels == [256, 128, 64, 32, 16]
+
+
+def test_cross_field_rules():
+    assert "optim.nesterov=true needs optim.momentum > 0" in load_error(IMAGENET, "optim.nesterov=true", "optim.momentum=0")
 
 
 def test_unknown_key_names_the_path_and_the_valid_keys():
@@ -108,7 +137,7 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
     ("train.epochs=null", "got None; expected int"),
     ("optim.lr=fast", "'optim.lr' has the wrong type: got 'fast'; expected float"),
     ("train.ema=maybe", "expected bool"),
-    ("data.image_size=big", "expected int or null"),
+    ("data.image_size=big", "expected an int (square), [height, width] or null"),
     ("data.mean=0.5", "'data.mean' has the wrong type: got 0.5; expected list of float"),
     ("train=3", "config key 'train' is a section"),
 ])
@@ -126,15 +155,17 @@ def test_wrong_type_names_key_value_and_expected_type(override, expected):
     ("model.drop_path=1.0", "model.drop_path=1.0 must be in [0, 1)"),
     ("loss.label_smoothing=-0.1", "loss.label_smoothing=-0.1 must be in [0, 1)"),
     ("train.ema_decay=1", "train.ema_decay=1.0 must be in (0, 1)"),
-    ("data.image_size=16", "data.image_size=16 must be >= 32"),
+    ("data.image_size=16", "data.image_size=[16, 16]: each value must be >= 32"),
+    ("data.image_size=[1,2,3]", "data.image_size=[1, 2, 3] must have [height, width]"),
     ("data.std=[0.2,0.0,0.2]", "data.std=[0.2, 0.0, 0.2]: each value must be in (0, 1]"),
     ("data.mean=[0.5,0.5]", "data.mean=[0.5, 0.5] must have 3 values"),
     ("data.mean=[123.7,116.3,103.5]", "0..1 pixel scale"),
     ("train.amp=fp8", "train.amp='fp8' must be one of: none, bf16, fp16"),
-    ("optim.name=adam", "optim.name='adam' must be one of: sgd, rmsprop, adamw"),
+    ("optim.name=adam", "optim.name='adam' must be one of: sgd, rmsprop, rmsprop_tf, adamw"),
     ("schedule.name=linear", "schedule.name='linear' must be one of: cosine, step, poly, constant"),
     ("model.task=pose", "model.task='pose' must be one of: classification, segmentation, detection"),
-    ("data.format=voc", "data.format='voc' must be one of: imagefolder, cityscapes, coco"),
+    ("data.format=voc", "data.format='voc' must be one of: imagefolder"),
+    ("data.format=coco", "data.format='coco' must be one of: imagefolder"),
     ("data.on_bad_sample=ignore", "data.on_bad_sample='ignore' must be one of: error, skip"),
     ("model.padding=valid", "model.padding='valid' must be one of: symmetric, same"),
     ("train.device=gpu", "train.device='gpu' must be auto, cpu, cuda or cuda:N"),
@@ -151,7 +182,7 @@ def test_several_problems_are_reported_together_on_one_line():
 
 
 def test_validate_checks_a_config_built_in_code():
-    cfg = C.Config()
+    cfg = C.ClassificationConfig()
     assert C.validate(cfg) is cfg
     cfg.optim.lr = -0.1
     with pytest.raises(C.ConfigError, match=r"optim\.lr=-0\.1 must be > 0"):

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from tasks import config as C
-from tasks.data import DataError, ImageFolderDataset, build_loaders, check_dataset, write_classification
+from tasks.data import DataError, ImageFolderDataset, build_loaders
+from tasks.data.check import check_imagefolder as check_dataset
+from tasks.data.synthetic import write_classification
 from tasks.data.loaders import EpochShuffleSampler
 from tasks.data.transforms import classification_eval_transform, classification_train_transform
 
@@ -186,7 +188,7 @@ def test_a_missing_split_folder_is_named(root):
 def test_train_transform_keeps_uint8_and_outputs_the_size(randaugment):
     augment = C.AugmentConfig(randaugment=randaugment)
     image = torch.randint(0, 256, (3, 50, 80), dtype=torch.uint8)
-    out = classification_train_transform(augment, 40)(image)
+    out = classification_train_transform(augment, (40, 40))(image)
     assert out.dtype == torch.uint8 and out.shape == (3, 40, 40)
 
 
@@ -195,7 +197,7 @@ def test_eval_transform_resizes_by_crop_pct_then_centre_crops():
     # resize short side to int(64 / 0.875) = 73 -> 73 x 146, centre crop 64 x 64 -> the edge sits mid-crop.
     image = torch.zeros(3, 100, 200, dtype=torch.uint8)
     image[:, :, 100:] = 255
-    transform = classification_eval_transform(C.AugmentConfig(eval_crop_pct=0.875), 64)
+    transform = classification_eval_transform(C.AugmentConfig(eval_crop_pct=0.875), (64, 64))
     assert transform.transforms[0].size == [73]
     out = transform(image)
     assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)
@@ -248,8 +250,18 @@ def test_loader_config_mismatches_are_one_line_errors(clean_root):
     assert "model.num_classes=10" in wrong_count and "set model.num_classes=4" in wrong_count
     too_big = single_line_error(DataError, lambda: build_loaders(demo_config(clean_root, "data.batch_size=64")))
     assert "data.batch_size=64" in too_big and "24 training images" in too_big
-    with pytest.raises(NotImplementedError, match="data.format='coco'"):
-        build_loaders(demo_config(clean_root, "data.format=coco"))
+    cfg = demo_config(clean_root)
+    cfg.data.format = "coco"  # a config built in code, past the schema's choices: the format table says no
+    with pytest.raises(DataError, match="data.format='coco' does not feed model.task='classification'"):
+        build_loaders(cfg)
+
+
+def test_build_loaders_builds_only_the_splits_asked_for(clean_root):
+    import shutil as _shutil
+
+    cfg = demo_config(clean_root)
+    assert list(build_loaders(cfg, splits=("val",))) == ["val"]
+    assert list(build_loaders(cfg)) == ["train", "val"]
 
 
 # -- check -----------------------------------------------------------------------------------------

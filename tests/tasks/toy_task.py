@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.config import Config
+from tasks.config import ClassificationConfig as Config
 
 NUM_CLASSES = 4
 
@@ -117,6 +117,7 @@ def make_config(**overrides) -> Config:
     cfg.train.log_every = 4
     cfg.train.ema = True
     cfg.train.ema_decay = 0.9
+    cfg.train.ema_warmup = False  # plain_loop's EMA is AveragedModel's fixed decay
     cfg.train.seed = 3
     for key, value in overrides.items():
         section, name = key.split(".")

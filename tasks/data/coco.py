@@ -1,0 +1,327 @@
+"""COCO-format detection data: ``<root>/annotations/instances_<split>.json`` + ``<root>/<split>/`` images.
+
+Any COCO-format json and image folder works (``annotation_file=``, ``image_dir=``); the class count
+comes from the json's categories. Category ids need not be contiguous: labels are the indices of the
+sorted category ids (``cat_ids[label]`` maps back, ``cat_to_label`` forward). Images without
+annotations are kept; crowd boxes are kept and flagged (``iscrowd``, ignore regions in training,
+ignored by COCOeval); boxes with w or h <= 0 after clipping to the image are dropped (count logged);
+at most ``max_instances`` boxes per image. Bad records are one-line :class:`CocoFormatError` /
+:class:`BadAnnotationError` errors naming the file and the record (``on_bad_sample="skip"`` drops
+the annotation, or skips the image, counts and logs it instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import DataError
+from .imagefolder import UnreadableImageError, read_rgb
+
+log = logging.getLogger("effdense")
+
+ON_BAD_SAMPLE_CHOICES = ("error", "skip")
+LAYOUT = "<root>/annotations/instances_<split>.json + <root>/<split>/*.jpg"
+REQUIRED = {"images": ("id", "file_name", "width", "height"), "annotations": ("id", "image_id", "category_id", "bbox"),
+            "categories": ("id", "name")}
+
+
+class CocoFormatError(DataError):
+    """The annotation file is not JSON, lacks a top-level key, or a record lacks a field."""
+
+
+class BadAnnotationError(DataError):
+    """An annotation whose box or category cannot be right (outside the image, negative size, unknown id)."""
+
+
+class MissingImageError(UnreadableImageError):
+    """An image listed in the annotation file that is not on disk."""
+
+
+def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) for ``split`` under ``root``: ``annotations/instances_<split>.json``
+    and ``<split>/`` (or ``images/<split>/``)."""
+    root = Path(root)
+    image_dir = root / split
+    if not image_dir.is_dir() and (root / "images" / split).is_dir():
+        image_dir = root / "images" / split
+    return root / "annotations" / f"instances_{split}.json", image_dir
+
+
+def read_annotation_file(path: str | Path) -> dict:
+    """The json's content, checked for COCO's top-level keys and record fields (one-line errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CocoFormatError(f"{path}: annotation file not found; expected COCO layout {LAYOUT}")
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as error:
+        raise CocoFormatError(f"{path}: not valid JSON (line {error.lineno} column {error.colno}: {error.msg}); "
+                              f"expected a COCO annotation file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CocoFormatError(f"{path}: cannot read the annotation file ({error}); expected a COCO json") from None
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{path}: holds a JSON {type(data).__name__}, expected an object with images, "
+                              f"annotations and categories")
+    for key, fields in REQUIRED.items():
+        if key not in data:
+            raise CocoFormatError(f"{path}: missing top-level key '{key}' (has: {', '.join(sorted(data)) or 'none'}); "
+                                  f"expected COCO's images, annotations and categories")
+        if not isinstance(data[key], list):
+            raise CocoFormatError(f"{path}: '{key}' is a {type(data[key]).__name__}, expected a list of records")
+        for index, record in enumerate(data[key]):
+            missing = [f for f in fields if not isinstance(record, dict) or f not in record]
+            if missing:
+                ident = f"id {record['id']}" if isinstance(record, dict) and "id" in record else f"#{index}"
+                raise CocoFormatError(f"{path}: {key} record {ident} lacks {', '.join(repr(m) for m in missing)}; "
+                                      f"expected fields {', '.join(fields)}")
+    _check_unique(path, data["images"], "image")
+    _check_unique(path, data["categories"], "category")
+    return data
+
+
+def _check_unique(path: Path, records: list, kind: str) -> None:
+    seen = set()
+    for record in records:
+        if record["id"] in seen:
+            raise CocoFormatError(f"{path}: {kind} id {record['id']} appears twice; expected unique ids")
+        seen.add(record["id"])
+
+
+def category_maps(categories: list[dict]) -> tuple[list[int], dict[int, int], list[str]]:
+    """(``cat_ids`` sorted: label -> category id, ``cat_to_label``: id -> label, class names by label)."""
+    ordered = sorted(categories, key=lambda c: c["id"])
+    cat_ids = [int(c["id"]) for c in ordered]
+    return cat_ids, {cid: label for label, cid in enumerate(cat_ids)}, [str(c["name"]) for c in ordered]
+
+
+def annotation_problem(path: Path, ann: dict, image: dict | None, cat_to_label: dict) -> str | None:
+    """A one-line description of what is wrong with ``ann`` (None when it is usable)."""
+    where = f"{path}: annotation id {ann['id']}"
+    if image is None:
+        return f"{where}: image_id {ann['image_id']} is not among the images; expected an id from 'images'"
+    where += f" (image id {image['id']}, '{image['file_name']}' {image['width']}x{image['height']})"
+    if ann["category_id"] not in cat_to_label:
+        return (f"{where}: unknown category_id {ann['category_id']}; expected one of the {len(cat_to_label)} "
+                f"category ids ({_id_range(cat_to_label)})")
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_finite(v) for v in bbox)):
+        return f"{where}: bbox {bbox!r} is not 4 finite numbers; expected [x, y, width, height]"
+    x, y, w, h = (float(v) for v in bbox)
+    if w < 0 or h < 0:
+        return f"{where}: bbox {_fmt(bbox)} has a negative size; expected [x, y, width, height] with width, height >= 0"
+    width, height = float(image["width"]), float(image["height"])
+    outside = max(-x, -y, x + w - width, y + h - height)
+    if outside > max(2.0, 0.01 * max(width, height)):
+        hint = (" (it fits as [x1, y1, x2, y2]: COCO wants [x, y, width, height])"
+                if w > x and h > y and w <= width and h <= height else "")
+        return (f"{where}: bbox {_fmt(bbox)} extends {outside:.1f} px outside the image{hint}; expected "
+                f"[x, y, width, height] within {image['width']}x{image['height']}")
+    return None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(bbox) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in bbox) + "]"
+
+
+def _id_range(cat_to_label: dict) -> str:
+    ids = sorted(cat_to_label)
+    return f"{ids[0]}..{ids[-1]}" if ids else "none"
+
+
+def clipped_xyxy(bbox, width: float, height: float) -> tuple[float, float, float, float]:
+    x, y, w, h = (float(v) for v in bbox)
+    return max(0.0, x), max(0.0, y), min(width, x + w), min(height, y + h)
+
+
+def build_coco(data: dict):
+    """A pycocotools ``COCO`` over an in-memory annotation dict (its index prints are silenced)."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(Dataset):
+    """Samples ``(uint8 image (3, H, W), target)``; ``target`` = ``boxes`` (n, 4) float32 xyxy, ``labels``
+    (n,) int64 in 0..C-1, ``iscrowd`` (n,) bool, ``image_id`` (the json's id), and after ``transform``
+    (``(image, target) -> (image, target)``) also ``orig_size``, ``scale``, ``offset`` in input pixels.
+    """
+
+    def __init__(self, root: str | Path | None = None, split: str = "train", transform=None, *,
+                 annotation_file: str | Path | None = None, image_dir: str | Path | None = None,
+                 max_instances: int = 100, on_bad_sample: str = "error"):
+        if on_bad_sample not in ON_BAD_SAMPLE_CHOICES:
+            raise ValueError(f"data.on_bad_sample={on_bad_sample!r} must be one of: {', '.join(ON_BAD_SAMPLE_CHOICES)}")
+        if annotation_file is None or image_dir is None:
+            if root is None:
+                raise ValueError("CocoDetection needs root (+ split) or annotation_file and image_dir")
+            default_ann, default_dir = coco_paths(root, split)
+            annotation_file, image_dir = annotation_file or default_ann, image_dir or default_dir
+        self.annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
+        self.split, self.transform, self.on_bad_sample = split, transform, on_bad_sample
+        self.max_instances = int(max_instances)
+        data = read_annotation_file(self.annotation_file)
+        if not self.image_dir.is_dir():
+            raise DataError(f"{self.image_dir}: image folder not found (for {self.annotation_file}); expected COCO "
+                            f"layout {LAYOUT}")
+        self.cat_ids, self.cat_to_label, self.classes = category_maps(data["categories"])
+        self.images = sorted(data["images"], key=lambda im: im["id"])
+        self._index_annotations(data)
+        self.bad_samples: list[Path] = []
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def _index_annotations(self, data: dict) -> None:
+        images = {im["id"]: im for im in self.images}
+        per_image: dict = {im["id"]: [] for im in self.images}
+        dropped = degenerate = capped = 0
+        for ann in data["annotations"]:
+            image = images.get(ann["image_id"])
+            problem = annotation_problem(self.annotation_file, ann, image, self.cat_to_label)
+            if problem:
+                if self.on_bad_sample == "error":
+                    raise BadAnnotationError(problem + " (data.on_bad_sample=skip drops such annotations)")
+                dropped += 1
+                log.warning("dropping %s (data.on_bad_sample=skip)", problem)
+                continue
+            box = clipped_xyxy(ann["bbox"], image["width"], image["height"])
+            if box[2] <= box[0] or box[3] <= box[1]:
+                degenerate += 1
+                continue
+            per_image[image["id"]].append((box, self.cat_to_label[ann["category_id"]], bool(ann.get("iscrowd", 0))))
+        self._boxes, self._labels, self._crowd = [], [], []
+        for image in self.images:
+            rows = per_image[image["id"]]
+            if len(rows) > self.max_instances:
+                capped += 1
+                rows = rows[: self.max_instances]
+            self._boxes.append(np.array([r[0] for r in rows], dtype=np.float32).reshape(-1, 4))
+            self._labels.append(np.array([r[1] for r in rows], dtype=np.int64))
+            self._crowd.append(np.array([r[2] for r in rows], dtype=bool))
+        self.dropped_annotations, self.degenerate_boxes, self.capped_images = dropped, degenerate, capped
+        if degenerate:
+            log.info("%s: dropped %d degenerate boxes (w or h <= 0 after clipping to the image)",
+                     self.annotation_file, degenerate)
+        if dropped:
+            log.warning("%s: dropped %d bad annotations (data.on_bad_sample=skip)", self.annotation_file, dropped)
+        if capped:
+            log.info("%s: %d images had more than max_instances=%d boxes (the rest ignored)", self.annotation_file,
+                     capped, self.max_instances)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def target(self, index: int) -> dict:
+        """The untransformed target of image ``index`` (boxes in original pixels)."""
+        return {"boxes": torch.from_numpy(self._boxes[index].copy()), "labels": torch.from_numpy(self._labels[index].copy()),
+                "iscrowd": torch.from_numpy(self._crowd[index].copy()), "image_id": int(self.images[index]["id"])}
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.images)):
+            i = (index + offset) % len(self.images)
+            path = self.image_dir / self.images[i]["file_name"]
+            if path in self.bad_samples:
+                continue
+            try:
+                image = self._read(i, path)
+            except UnreadableImageError as error:
+                if self.on_bad_sample == "error":
+                    raise
+                self.bad_samples.append(path)
+                log.warning("skipping %s (data.on_bad_sample=skip)", error)
+                continue
+            target = self.target(i)
+            if self.transform is not None:
+                return self.transform(image, target)
+            target.update(orig_size=tuple(image.shape[-2:]), scale=(1.0, 1.0), offset=(0.0, 0.0))
+            return image, target
+        raise DataError(f"{self.image_dir}: none of the {len(self.images)} images is readable")
+
+    def _read(self, index: int, path: Path) -> torch.Tensor:
+        record = self.images[index]
+        if not path.is_file():
+            raise MissingImageError(f"{path}: listed in {self.annotation_file} (image id {record['id']}) but not found; "
+                                    f"expected the image under {self.image_dir}")
+        image = read_rgb(path)
+        if tuple(image.shape[-2:]) != (int(record["height"]), int(record["width"])):
+            raise UnreadableImageError(f"{path}: is {image.shape[-1]}x{image.shape[-2]} but {self.annotation_file} "
+                                       f"(image id {record['id']}) says {record['width']}x{record['height']}; "
+                                       f"expected the annotated size")
+        return image
+
+
+def check_coco(root: str | Path | None = None, split: str = "train", *, annotation_file: str | Path | None = None,
+               image_dir: str | Path | None = None, decode: bool = True, workers: int = 4) -> list[str]:
+    """Every problem in one COCO split, one line each ([] when clean): the json (not json, missing keys),
+    each bad annotation (outside the image, negative size, unknown category or image id), boxes given as
+    [x1, y1, x2, y2] when that is obvious, images listed but missing, unreadable or of another size."""
+    if annotation_file is None or image_dir is None:
+        default_ann, default_dir = coco_paths(root, split)
+        annotation_file, image_dir = annotation_file or default_ann, image_dir or default_dir
+    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+    try:
+        data = read_annotation_file(annotation_file)
+    except CocoFormatError as error:
+        return [str(error)]
+    _, cat_to_label, _ = category_maps(data["categories"])
+    images = {im["id"]: im for im in data["images"]}
+    problems, outside, fits_xyxy, corners = [], 0, 0, 0
+    for ann in data["annotations"]:
+        problem = annotation_problem(annotation_file, ann, images.get(ann["image_id"]), cat_to_label)
+        if problem:
+            problems.append(problem)
+            outside += "outside the image" in problem
+            fits_xyxy += "it fits as [x1, y1, x2, y2]" in problem
+        bbox = ann["bbox"]
+        if isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_finite(v) for v in bbox):
+            corners += bbox[2] > bbox[0] and bbox[3] > bbox[1]
+    if outside and fits_xyxy == outside and corners == len(data["annotations"]):
+        problems.insert(0, f"{annotation_file}: bbox looks like [x1, y1, x2, y2]: {outside} boxes extend outside "
+                           f"their image as [x, y, width, height] but every box fits as corners; COCO expects "
+                           f"[x, y, width, height]")
+    if not image_dir.is_dir():
+        return problems + [f"{image_dir}: image folder not found (for {annotation_file}); expected COCO layout {LAYOUT}"]
+    problems += _image_problems(annotation_file, image_dir, data["images"], decode, workers)
+    return problems
+
+
+def _image_problems(annotation_file: Path, image_dir: Path, records: list, decode: bool, workers: int) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(record: dict) -> str | None:
+        path = image_dir / record["file_name"]
+        if not path.is_file():
+            return (f"{path}: listed in {annotation_file} (image id {record['id']}) but not found; expected the "
+                    f"image under {image_dir}")
+        if not decode:
+            return None
+        try:
+            image = read_rgb(path)
+        except UnreadableImageError as error:
+            return str(error)
+        if tuple(image.shape[-2:]) != (int(record["height"]), int(record["width"])):
+            return (f"{path}: is {image.shape[-1]}x{image.shape[-2]} but {annotation_file} (image id {record['id']}) "
+                    f"says {record['width']}x{record['height']}")
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [p for p in pool.map(problem, records) if p is not None]

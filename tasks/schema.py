@@ -1,0 +1,393 @@
+"""The typed config schema: one dataclass per section, a complete ``Config`` per task.
+
+Choices and ranges are declared once, on the field itself (``choice(...)``, ``number(...)``), and
+``tasks.config.validate`` is the only place that checks them; the engine, optimizers and tasks trust
+a validated config. Sections that mean something for one task only (``model.segmentation``,
+``model.detection``, the augmentation of each task, its loss terms) exist only in that task's
+``Config`` subclass, so a classification preset cannot carry detection keys: the loader picks the
+schema from ``model.task`` and an unknown key fails naming the key and the valid ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -- field declarations with their allowed values --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric interval; ``None`` bounds are open-ended. Values must also be finite."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.low is None:  # ranges here are bounded below or not at all
+            return "must be a finite number"
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"must be in {left}{self.low:g}, {self.high:g}{right}"
+
+
+ANY_NUMBER = Range()
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_ONE = Range(1)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)  # [0, 1]
+FRACTION_BELOW_ONE = Range(0, 1, high_open=True)  # [0, 1)
+FRACTION_ABOVE_ZERO = Range(0, 1, low_open=True)  # (0, 1]
+OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
+
+
+def choice(default: Any, *options: Any, doc: str = "") -> Any:
+    """A field whose value must be one of ``options`` (``default`` among them)."""
+    assert default in options, (default, options)
+    return field(default=default, metadata={"choices": options, "doc": doc})
+
+
+def number(default: Any, allowed: Range, doc: str = "") -> Any:
+    """A numeric field (``None`` allowed when the annotation is Optional) within ``allowed``."""
+    return field(default=default, metadata={"range": allowed, "doc": doc})
+
+
+def numbers(default: list, each: Range, length: int | tuple[int, ...] | None = None, doc: str = "") -> Any:
+    """A list-of-numbers field: every element within ``each``; ``length`` = the allowed length(s)."""
+    lengths = (length,) if isinstance(length, int) else length
+    return field(default_factory=lambda: list(default) if default is not None else None,
+                 metadata={"each": each, "lengths": lengths, "doc": doc})
+
+
+def size_field(doc: str = "") -> Any:
+    """An optional [h, w] size in pixels; an int in YAML or ``--set`` means a square."""
+    return field(default=None, metadata={"each": Range(32), "lengths": (2,), "size": True, "doc": doc})
+
+
+# -- model -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    task: str = choice("classification", "classification", "segmentation", "detection")
+    backbone: str = "efficientnet-b0"  # a name from backbones.list_names()
+    phi: Optional[float] = number(None, ANY_NUMBER)  # set -> backbone "efficientnet" with this compound coefficient
+    scale: Optional[str] = None  # a named scale: 0..7 (B0..B7; for detection D0..D7, "7x")
+    num_classes: int = number(1000, AT_LEAST_ONE)
+    weights: Optional[str] = None  # the whole model: a checkpoint (EMA weights when it holds them) or "imagenet"
+    backbone_weights: Optional[str] = None  # the encoder only: an ImageNet classifier/backbone file or "imagenet"
+    drop_path: float = number(0.2, FRACTION_BELOW_ONE)  # stochastic depth, linear per block
+    padding: str = choice("symmetric", "symmetric", "same")  # same = TF-compatible
+    norm_eps: Optional[float] = number(None, POSITIVE)  # None = the preset's
+    norm_momentum: Optional[float] = number(None, FRACTION)
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (CUDA)
+
+
+@dataclass
+class ClassificationModelConfig(ModelConfig):
+    dropout: Optional[float] = number(None, FRACTION_BELOW_ONE)  # classifier dropout; None = the preset's
+
+
+@dataclass
+class SegmentationHeadConfig:
+    head: str = choice("unet", "unet")
+    decoder_channels: list[int] = numbers([256, 128, 64, 32, 16], AT_LEAST_ONE, length=5)
+    attention: Optional[str] = choice(None, None, "scse")
+    norm: str = choice("batchnorm", "batchnorm", "identity")
+    upsampling: str = choice("nearest", "nearest", "bilinear")
+    s2_tap: str = choice("stage", "stage", "stem")  # stem: smp's EfficientNet encoders (their checkpoints load)
+    aux_head: bool = False  # multi-label class-presence head on s32
+    aux_dropout: float = number(0.2, FRACTION_BELOW_ONE)
+
+
+@dataclass
+class SegmentationModelConfig(ModelConfig):
+    num_classes: int = number(19, AT_LEAST_ONE)
+    segmentation: SegmentationHeadConfig = field(default_factory=SegmentationHeadConfig)
+
+
+@dataclass
+class DetectionHeadConfig:
+    # null: the named scale's value (heads.efficientdet_preset)
+    width: Optional[int] = number(None, AT_LEAST_ONE)  # BiFPN channels
+    repeats: Optional[int] = number(None, AT_LEAST_ONE)  # BiFPN cells
+    head_depth: Optional[int] = number(None, AT_LEAST_ONE)  # class/box net repeats
+    fusion: Optional[str] = choice(None, None, "fast", "softmax", "sum")
+    anchor_scale: Optional[float] = number(None, POSITIVE)
+    nms: str = choice("hard", "hard", "soft")  # soft = gaussian soft-NMS (sigma 0.5)
+    nms_iou: float = number(0.5, OPEN_UNIT)
+    candidates: int = number(5000, AT_LEAST_ONE)  # top-k before NMS
+    max_detections: int = number(100, AT_LEAST_ONE)
+    score_threshold: float = number(0.0, FRACTION_BELOW_ONE)  # 0: keep all (COCO evaluation wants them)
+
+
+@dataclass
+class DetectionModelConfig(ModelConfig):
+    num_classes: int = number(90, AT_LEAST_ONE)
+    detection: DetectionHeadConfig = field(default_factory=DetectionHeadConfig)
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    format: str = "imagefolder"  # each task's Config narrows the choices
+    root: str = "data/imagenet"
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: Optional[list[int]] = size_field()  # [h, w] training input (an int = square); null = the task's native
+    batch_size: int = number(64, AT_LEAST_ONE)  # per process
+    eval_batch_size: Optional[int] = number(None, AT_LEAST_ONE)  # None = batch_size
+    workers: int = number(8, NON_NEGATIVE)
+    pin_memory: bool = True
+    persistent_workers: bool = False  # true skips worker start-up per epoch, but a resumed run then draws different augmentations
+    on_bad_sample: str = choice("error", "error", "skip")
+    mean: list[float] = numbers(list(IMAGENET_MEAN), FRACTION, length=3,
+                                doc=f"one per RGB channel, 0..1 pixel scale, e.g. ImageNet {list(IMAGENET_MEAN)}")
+    std: list[float] = numbers(list(IMAGENET_STD), FRACTION_ABOVE_ZERO, length=3,
+                               doc=f"one per RGB channel, 0..1 pixel scale, e.g. ImageNet {list(IMAGENET_STD)}")
+
+
+@dataclass
+class ClassificationAugmentConfig:
+    hflip: float = number(0.5, FRACTION)  # probability
+    scale_min: float = number(0.08, FRACTION_ABOVE_ZERO)  # RandomResizedCrop lower scale bound
+    randaugment: bool = True
+    randaugment_ops: int = number(2, NON_NEGATIVE)
+    randaugment_magnitude: int = number(9, Range(0, 30))  # RandAugment's 31 magnitude bins
+    eval_crop_pct: float = number(0.875, FRACTION_ABOVE_ZERO)  # resize to size / crop_pct, then centre-crop size
+
+
+@dataclass
+class ClassificationDataConfig(DataConfig):
+    format: str = choice("imagefolder", "imagefolder")
+    augment: ClassificationAugmentConfig = field(default_factory=ClassificationAugmentConfig)
+
+
+@dataclass
+class SegmentationAugmentConfig:
+    hflip: float = number(0.5, FRACTION)
+    scale_min: float = number(0.5, POSITIVE)  # random rescale of the image before the crop
+    scale_max: float = number(2.0, POSITIVE)
+    photometric: bool = True  # brightness / contrast / saturation / hue jitter
+
+
+@dataclass
+class SegmentationEvalConfig:
+    mode: str = choice("full", "resize", "full", "slide")  # resize to image_size | full image | sliding window
+    window: Optional[list[int]] = size_field()  # slide: tile [h, w] (null = data.image_size)
+    stride: Optional[list[int]] = size_field()  # slide: step [h, w] (null = 2/3 of the window)
+    flip: bool = False  # TTA: average with the h-flipped prediction
+    scales: list[float] = numbers([1.0], POSITIVE)  # TTA: multi-scale (resize factors)
+
+
+@dataclass
+class SegmentationDataConfig(DataConfig):
+    format: str = choice("cityscapes", "cityscapes", "maskfolder")
+    root: str = "data/cityscapes"
+    ignore_index: int = number(255, NON_NEGATIVE)
+    class_names: Optional[list[str]] = None  # maskfolder: names for the per-class table (null = 0..C-1)
+    augment: SegmentationAugmentConfig = field(default_factory=SegmentationAugmentConfig)
+    eval: SegmentationEvalConfig = field(default_factory=SegmentationEvalConfig)
+
+
+@dataclass
+class DetectionAugmentConfig:
+    hflip: float = number(0.5, FRACTION)
+    scale_min: float = number(0.1, POSITIVE)  # scale jitter, then crop/pad to image_size
+    scale_max: float = number(2.0, POSITIVE)
+
+
+@dataclass
+class DetectionDataConfig(DataConfig):
+    format: str = choice("coco", "coco")
+    root: str = "data/coco"
+    # null: the COCO layout, <root>/annotations/instances_<split>.json and images in <root>/<split>/
+    train_annotations: Optional[str] = None
+    val_annotations: Optional[str] = None
+    train_images: Optional[str] = None
+    val_images: Optional[str] = None
+    max_instances: int = number(100, AT_LEAST_ONE)  # boxes kept per image
+    augment: DetectionAugmentConfig = field(default_factory=DetectionAugmentConfig)
+
+
+# -- optimisation and training -------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    name: str = choice("sgd", "sgd", "rmsprop", "rmsprop_tf", "adamw")  # rmsprop_tf: TF's (eps in the sqrt, ms from 1)
+    lr: float = number(0.1, POSITIVE)  # at base_batch_size; scaled linearly with the global batch
+    base_batch_size: int = number(256, AT_LEAST_ONE)
+    momentum: float = number(0.9, FRACTION_BELOW_ONE)
+    nesterov: bool = False
+    weight_decay: float = number(1e-5, NON_NEGATIVE)
+    no_decay_norm_and_bias: bool = True
+    rmsprop_alpha: float = number(0.9, OPEN_UNIT)  # RMSProp decay (TF "decay")
+    eps: float = number(1e-3, POSITIVE)  # RMSProp eps (TF reference) / AdamW eps
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = choice("cosine", "cosine", "step", "poly", "constant")
+    warmup_epochs: float = number(0.0, NON_NEGATIVE)
+    warmup_start_factor: float = number(0.01, FRACTION_ABOVE_ZERO)
+    min_lr_ratio: float = number(0.0, FRACTION)  # cosine floor as a fraction of the peak lr
+    step_epochs: float = number(2.4, POSITIVE)  # step: decay every N epochs
+    step_gamma: float = number(0.97, FRACTION_ABOVE_ZERO)
+    poly_power: float = number(0.9, POSITIVE)
+
+
+@dataclass
+class ClassificationLossConfig:
+    label_smoothing: float = number(0.1, FRACTION_BELOW_ONE)
+
+
+@dataclass
+class SegmentationLossConfig:
+    # The loss is the weighted sum of these terms (0 = off); each is logged by name.
+    cross_entropy: float = number(1.0, NON_NEGATIVE)
+    dice: float = number(0.0, NON_NEGATIVE)
+    lovasz: float = number(0.0, NON_NEGATIVE)
+    focal: float = number(0.0, NON_NEGATIVE)
+    class_weights: Optional[list[float]] = numbers(None, NON_NEGATIVE)  # cross-entropy weight per class
+    ohem: bool = False  # cross-entropy on the hard pixels only: p < ohem_thresh, at least ohem_min_kept
+    ohem_thresh: float = number(0.7, OPEN_UNIT)
+    ohem_min_kept: int = number(100_000, AT_LEAST_ONE)
+    aux_weight: float = number(0.4, NON_NEGATIVE)  # the aux head's presence loss (when model.segmentation.aux_head)
+
+
+@dataclass
+class DetectionLossConfig:
+    focal_alpha: float = number(0.25, OPEN_UNIT)
+    focal_gamma: float = number(1.5, NON_NEGATIVE)
+    huber_delta: float = number(0.1, POSITIVE)
+    box_weight: float = number(50.0, NON_NEGATIVE)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = number(10, AT_LEAST_ONE)
+    max_steps: Optional[int] = number(None, AT_LEAST_ONE)  # stop early after this many optimizer steps (demos, benchmarks)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = choice("none", "none", "bf16", "fp16")
+    channels_last: bool = False
+    compile: bool = False
+    grad_accum: int = number(1, AT_LEAST_ONE)
+    clip_grad: Optional[float] = number(None, POSITIVE)  # max gradient norm
+    ema: bool = False
+    ema_decay: float = number(0.9999, OPEN_UNIT)
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (TF, timm)
+    seed: int = number(0, NON_NEGATIVE)  # initialisation, data order and augmentation
+    deterministic: bool = False
+    eval_every: int = number(1, AT_LEAST_ONE)  # epochs
+    log_every: int = number(20, AT_LEAST_ONE)  # steps
+    checkpoint_every: int = number(1, AT_LEAST_ONE)  # epochs
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
+    output_dir: str = "runs"
+    run_name: Optional[str] = None  # None = run-<timestamp>
+    overwrite: bool = False  # reuse a run directory that holds another run's files (they are replaced)
+    progress: bool = True  # tqdm bars on rank 0
+
+
+@dataclass
+class Config:
+    """The shared sections; each task's subclass below narrows ``model``, ``data`` and ``loss``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def native_image_size(self) -> list[int]:
+        """The input [h, w] when ``data.image_size`` is null."""
+        raise NotImplementedError
+
+
+def backbone_spec(model: ModelConfig) -> tuple[str, dict]:
+    """(``backbones.create`` name, its phi option) named by ``model.phi``, else ``model.scale`` (B-number),
+    else ``model.backbone``."""
+    if model.phi is not None:
+        return "efficientnet", {"phi": float(model.phi)}
+    if model.scale is not None:
+        return f"efficientnet-b{model.scale}", {}
+    return model.backbone, {}
+
+
+def _backbone_resolution(model: ModelConfig) -> int:
+    import backbones
+
+    name, options = backbone_spec(model)
+    return backbones.get_preset(name, **options).resolution
+
+
+@dataclass
+class ClassificationConfig(Config):
+    model: ClassificationModelConfig = field(default_factory=ClassificationModelConfig)
+    data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
+    loss: ClassificationLossConfig = field(default_factory=ClassificationLossConfig)
+
+    def native_image_size(self) -> list[int]:
+        size = _backbone_resolution(self.model)  # B0 224 ... B7 600 (paper, Table 1)
+        return [size, size]
+
+
+@dataclass
+class SegmentationConfig(Config):
+    model: SegmentationModelConfig = field(default_factory=SegmentationModelConfig)
+    data: SegmentationDataConfig = field(default_factory=SegmentationDataConfig)
+    loss: SegmentationLossConfig = field(default_factory=SegmentationLossConfig)
+
+    def native_image_size(self) -> list[int]:
+        return [512, 512]  # segmentation crops are a data choice, not the backbone's; presets set theirs
+
+
+@dataclass
+class DetectionConfig(Config):
+    model: DetectionModelConfig = field(default_factory=DetectionModelConfig)
+    data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
+    loss: DetectionLossConfig = field(default_factory=DetectionLossConfig)
+
+    def native_image_size(self) -> list[int]:
+        from heads import efficientdet_preset  # D0 512 ... D7 1536 (the released configs)
+
+        size = efficientdet_preset(detection_scale(self.model)).input_size
+        return [size, size]
+
+
+def detection_scale(model: ModelConfig):
+    """What names the EfficientDet scale: ``model.phi`` (free), else ``model.scale`` (0..7, 7x), else the
+    D-number matching ``model.backbone`` (efficientnet-b3 -> D3)."""
+    if model.phi is not None:
+        return float(model.phi)
+    if model.scale is not None:
+        return model.scale
+    name = model.backbone
+    if name.startswith("efficientnet-b") and name[-1].isdigit():
+        return int(name.rsplit("b", 1)[1])
+    raise ValueError(f"model.backbone={name!r}: detection needs model.scale (0..7 or 7x) or model.phi")
+
+
+SCHEMAS: dict[str, type[Config]] = {
+    "classification": ClassificationConfig,
+    "segmentation": SegmentationConfig,
+    "detection": DetectionConfig,
+}
