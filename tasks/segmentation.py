@@ -1,0 +1,274 @@
+"""Semantic segmentation: EfficientNet backbone + U-Net decoder, losses, sliding-window/TTA inference.
+
+``build_segmenter`` returns the network as ``smp.Unet`` does: float normalised images (N, 3, H, W) in,
+logits (N, classes, H, W) out -- ``(logits, aux_logits)`` when the auxiliary head is on. It loads our
+own files and state dicts saved from smp's ``Unet`` (``tasks.segmentation_smp``).
+
+``SegmentationTask`` is the engine's task protocol around it: uint8 images in, normalised on the
+device; train mode ``forward(images, targets)`` returns the named loss terms
+(``tasks.segmentation_losses``); eval mode ``forward(images)`` returns logits on the input canvas.
+
+Targets. Training: ``{"masks": int64 (N, h, w)}`` (255 = ignore; a bare tensor works too).
+Evaluation: the dict documented in ``tasks.segmentation_eval`` (masks at original resolution,
+``image_size``, ``orig_size``, ``image_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import backbones
+from backbones.weights import load_state, load_weights, read_state_dict
+from heads.unet import AuxClassificationHead, SegmentationHead, UNetDecoder
+
+from .segmentation_eval import SegmentationEvaluator
+from .segmentation_losses import SegmentationLoss
+
+log = logging.getLogger("effdense")
+
+__all__ = ["Segmenter", "build_segmenter", "SegmentationTask", "slide_logits", "INFERENCE_MODES"]
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INFERENCE_MODES = ("whole", "slide")
+
+
+class Segmenter(nn.Module):
+    """``backbone`` taps -> ``decoder`` -> ``head`` logits at the input size (+ ``aux_head`` on the deepest tap)."""
+
+    def __init__(self, backbone: backbones.EfficientNet, decoder: UNetDecoder, head: SegmentationHead,
+                 aux_head: AuxClassificationHead | None = None):
+        super().__init__()
+        self.backbone, self.decoder, self.head, self.aux_head = backbone, decoder, head, aux_head
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def forward(self, x: torch.Tensor):
+        taps = list(self.backbone(x).values())
+        logits = self.head(self.decoder(taps, x.shape[-2:]))
+        if self.aux_head is None:
+            return logits
+        return logits, self.aux_head(taps[-1])
+
+
+def build_segmenter(backbone: str = "efficientnet-b0", num_classes: int = 19, weights: str | os.PathLike | None = None,
+                    *, decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), attention: str | None = None,
+                    decoder_norm: str = "batchnorm", upsampling: str = "nearest", encoder_depth: int = 5,
+                    aux_classes: int | None = None, aux_dropout: float = 0.2, aux_pooling: str = "avg",
+                    flavour: str | None = None, backbone_weights: str | os.PathLike | None = None,
+                    **backbone_options) -> Segmenter:
+    """Backbone ``backbone`` (a ``backbones.create`` name; ``phi=`` with ``"efficientnet"``) + U-Net.
+
+    ``weights``: a whole-model file -- ours (safetensors or state dict of ``Segmenter`` or of the task
+    module), or a state dict saved from ``smp.Unet("efficientnet-bN" | "timm-efficientnet-bN" |
+    "tu-efficientnet_bN")``; the file's flavour is detected and the backbone built to match it
+    (``tasks.segmentation_smp``). The load is strict: missing, unexpected and mis-shaped tensors are
+    named in one error; only a different class count leaves the last conv (and aux linear) fresh, logged.
+    ``backbone_weights``: an ImageNet classifier or backbone file (or ``"imagenet"``) into the encoder only.
+    ``flavour``: ``effdense`` (default), ``smp``, ``smp-timm``, ``smp-tu`` -- build as smp's encoder of
+    that family (needed again for a file converted from smp and saved by us).
+    ``encoder_depth`` 1..5 taps (smp's encoder_depth); the first ``encoder_depth`` ``decoder_channels`` are used.
+    ``backbone_options`` go to ``backbones.create``: ``phi``, ``in_channels``, ``output_stride``,
+    ``drop_path``, ``norm_eps``, ``norm_momentum``, ``padding``, ``s2_tap``, ``tap_at``.
+    """
+    from . import segmentation_smp as smp_interop
+
+    state, label = None, None
+    if weights is not None:
+        label = os.fspath(weights)
+        state = read_state_dict(label)
+        found = smp_interop.detect_flavour(state, label)
+        if found is not None and flavour is not None and flavour != found:
+            raise ValueError(f"{label}: an smp checkpoint of flavour {found!r}, but flavour={flavour!r} was asked; "
+                             f"drop flavour or pass flavour={found!r}")
+        flavour = found or flavour
+    flavour = flavour or "effdense"
+    if not 1 <= encoder_depth <= 5:
+        raise ValueError(f"encoder_depth={encoder_depth} must be in 1..5 (taps s2..s32)")
+    options = smp_interop.apply_flavour(flavour, backbone, backbone_options)
+    net = backbones.create(backbone, out_indices=tuple(range(encoder_depth)), **options)
+    smp_interop.finish_flavour(flavour, net)
+    decoder = UNetDecoder.for_backbone(net, decoder_channels=list(decoder_channels)[:encoder_depth],
+                                       attention=attention, norm=decoder_norm, upsampling=upsampling)
+    head = SegmentationHead(decoder.out_channels, num_classes)
+    aux = None if aux_classes is None else AuxClassificationHead(net.feature_info[-1].channels, aux_classes,
+                                                                 pooling=aux_pooling, dropout=aux_dropout)
+    model = Segmenter(net, decoder, head, aux)
+    if backbone_weights is not None:
+        load_weights(model.backbone, backbone_weights)
+    if state is not None:
+        _load_whole(model, state, label, found)
+    return model
+
+
+def _load_whole(model: Segmenter, state: dict, label: str, smp_flavour: str | None) -> None:
+    """Load a whole-model state dict strictly (the encoder through ``backbones.weights``)."""
+    from . import segmentation_smp as smp_interop
+
+    if smp_flavour:
+        encoder, rest, dropped, unexpected = smp_interop.split_smp_state(state, len(model.decoder.blocks))
+    else:
+        encoder = {k: v for k, v in state.items() if k.startswith("backbone.")}
+        rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        dropped, unexpected = [], []
+        if not encoder:
+            raise ValueError(f"{label}: no backbone.* or smp encoder.* tensors (first keys: {', '.join(list(state)[:3])}); "
+                             f"expected a whole segmentation model -- for a classifier or backbone file use "
+                             f"backbone_weights")
+    load_state(model.backbone, encoder, label)
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    new, fresh, missing, shapes = {}, [], [], []
+    for key, tensor in ours.items():
+        if key not in rest:
+            missing.append(key)
+            continue
+        value = rest.pop(key)
+        if value.shape == tensor.shape:
+            new[key] = value
+        elif key.split(".")[0] in ("head", "aux_head") and value.shape[1:] == tensor.shape[1:]:
+            fresh.append(key)  # another class count: keep our fresh layer, as timm does for a classifier
+        else:
+            shapes.append(f"{key}: ours {list(tensor.shape)} vs file {list(value.shape)}")
+    unexpected += list(rest)
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing ({_preview(missing)})", f"{len(unexpected)} unexpected ({_preview(unexpected)})"]
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches ({_preview(shapes)})")
+        raise ValueError(f"{label}: the decoder/heads do not fit this U-Net: {'; '.join(parts)}; expected the same "
+                         f"decoder_channels, attention, decoder_norm, encoder_depth and aux head as when it was saved")
+    model.load_state_dict({**model.state_dict(), **new})
+    if fresh:
+        log.warning("%s: %s left freshly initialised: the checkpoint has another class count", label, _preview(fresh))
+    if dropped:
+        log.info("%s: dropped %d tensors smp builds but never runs (%s)", label, len(dropped), _preview(dropped))
+
+
+def _preview(items: Sequence[str], count: int = 3) -> str:
+    items = list(items)
+    return ", ".join(items[:count]) + (f", ... ({len(items)} in all)" if len(items) > count else "") if items else "none"
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+def slide_logits(run, images: torch.Tensor, window: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+    """Sliding-window logits: ``run`` on each window, overlaps averaged with a count map.
+
+    Windows start every ``stride`` pixels; the last row/column is moved back to end at the border; an
+    image smaller than the window is one window (the network takes any size).
+    """
+    height, width = images.shape[-2:]
+    (wh, ww), (sh, sw) = window, stride
+    rows = max(height - wh + sh - 1, 0) // sh + 1
+    cols = max(width - ww + sw - 1, 0) // sw + 1
+    total = counts = None
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + wh, height), min(c * sw + ww, width)
+            y1, x1 = max(y2 - wh, 0), max(x2 - ww, 0)
+            logits = run(images[..., y1:y2, x1:x2]).float()
+            if total is None:
+                total = logits.new_zeros(images.shape[0], logits.shape[1], height, width)
+                counts = logits.new_zeros(1, 1, height, width)
+            total[..., y1:y2, x1:x2] += logits
+            counts[..., y1:y2, x1:x2] += 1
+    return total / counts
+
+
+class SegmentationTask(nn.Module):
+    """The task protocol for segmentation (see the module docstring).
+
+    Inference: ``inference="whole"`` (the full canvas at once) or ``"slide"`` (``window`` and
+    ``stride``, (h, w) each); ``flip`` adds the horizontally flipped input, ``scales`` resizes the
+    input by each factor; the logits of all passes are averaged at the input size.
+    ``categories``: ``[(name, [class indices])]`` for the evaluator's category mIoU.
+    """
+
+    primary_metric = "mIoU"
+
+    def __init__(self, net: Segmenter, class_names: Sequence[str] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 criterion: SegmentationLoss | None = None, ignore_index: int = 255, inference: str = "whole",
+                 window: Sequence[int] | None = None, stride: Sequence[int] | None = None, flip: bool = False,
+                 scales: Sequence[float] = (1.0,), categories: Sequence[tuple[str, Sequence[int]]] | None = None):
+        super().__init__()
+        if inference not in INFERENCE_MODES:
+            raise ValueError(f"inference={inference!r} is not one of {', '.join(INFERENCE_MODES)}")
+        if inference == "slide":
+            if window is None:
+                raise ValueError("inference='slide' needs window=(h, w)")
+            window = _pair(window, "window")
+            stride = _pair(stride if stride is not None else window, "stride")
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales={list(scales)} must be positive factors, e.g. (0.75, 1.0, 1.25)")
+        self.net = net
+        self.class_names = list(class_names) if class_names is not None else None
+        self.criterion = criterion if criterion is not None else SegmentationLoss(net.num_classes,
+                                                                                  ignore_index=ignore_index)
+        self.ignore_index = ignore_index
+        self.inference, self.window, self.stride = inference, window, stride
+        self.flip, self.scales = flip, tuple(float(s) for s in scales)
+        self.categories = categories
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_scale", 1.0 / (torch.tensor(std).view(1, -1, 1, 1) * 255), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.num_classes
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float 0..255) images -> normalised float; never writes into ``images``."""
+        return (images.float() - self.pixel_mean) * self.pixel_scale
+
+    def forward(self, images: torch.Tensor, targets: Mapping | torch.Tensor | None = None):
+        x = self.normalize(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("SegmentationTask in train mode needs targets ({'masks': int64 (N, H, W)})")
+            masks = targets["masks"] if isinstance(targets, Mapping) else targets
+            out = self.net(x)
+            logits, aux = out if isinstance(out, tuple) else (out, None)
+            return self.criterion(logits, masks, aux)
+        return self.infer(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _one_pass(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inference == "slide":
+            return slide_logits(self._logits, x, self.window, self.stride)
+        return self._logits(x).float()
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> float logits (N, C, H, W) on the same canvas, with the configured TTA."""
+        size = x.shape[-2:]
+        total, passes = None, 0
+        for scale in self.scales:
+            scaled = x if scale == 1.0 else F.interpolate(
+                x, size=[max(1, round(s * scale)) for s in size], mode="bilinear", align_corners=False)
+            for flipped in (False, True) if self.flip else (False,):
+                logits = self._one_pass(scaled.flip(-1) if flipped else scaled)
+                if flipped:
+                    logits = logits.flip(-1)
+                if logits.shape[-2:] != size:
+                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                total = logits if total is None else total + logits
+                passes += 1
+        return total if passes == 1 else total / passes
+
+    def make_evaluator(self) -> SegmentationEvaluator:
+        return SegmentationEvaluator(self.num_classes, self.class_names, self.ignore_index, self.categories,
+                                     device=self.pixel_mean.device)
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or any(int(v) < 1 for v in pair):
+        raise ValueError(f"{name}={value!r} must be a positive int or (h, w)")
+    return int(pair[0]), int(pair[1])
