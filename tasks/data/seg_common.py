@@ -1,0 +1,228 @@
+"""What the segmentation formats share: reading images and index masks, the paired-sample dataset, collate.
+
+A sample is ``(uint8 image (3, H, W), target)`` with ``target = {"mask": int64 (H, W), "image_id": str,
+"orig_size": (h, w)}`` (train ids / class indices, ``ignore_index`` = 255 by default). Batches: see
+:func:`collate_segmentation` (train: ``{"masks"}``; eval: ``{"masks", "image_size", "orig_size",
+"image_id"}``, the contract of ``tasks.segmentation_eval``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from . import DataError
+from .imagefolder import ON_BAD_SAMPLE_CHOICES, UnreadableImageError, read_rgb
+
+log = logging.getLogger("effdense")
+
+__all__ = ["MaskError", "Pair", "PairListing", "PairReader", "read_image", "read_mask", "PairedSegmentationDataset",
+           "collate_segmentation", "segmentation_collate", "check_pairs"]
+
+MASK_MODES = ("L", "P", "1", "I;16", "I;16L", "I;16B", "I")
+
+
+class MaskError(DataError):
+    """A mask that cannot be used: unreadable, not an index image, the wrong size, or labels outside the table."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    mask: Path
+    image_id: str
+
+
+@dataclass
+class PairListing:
+    """The (image, mask) pairs of one split, and every layout problem found while listing (one line each)."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    fatal: list[str] = field(default_factory=list)  # problems no skipping can get around (missing folders)
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """uint8 (3, H, W) RGB from any image file; grayscale and RGBA convert, 16-bit keeps its top 8 bits."""
+    image = read_rgb(path)
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
+def read_mask(path: str | Path) -> torch.Tensor:
+    """An index mask as int64 (H, W): 8-bit, 16-bit or palette PNG (palette indices, not colours)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if mode not in MASK_MODES:
+                raise MaskError(f"{path}: mask is a {mode} image; expected a single-channel index mask "
+                                f"(8-bit, 16-bit or palette PNG whose values are class indices)")
+            array = np.array(image)
+    except MaskError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise MaskError(f"{path}: not a readable mask (corrupt or truncated?): {error}") from None
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _few(values) -> str:
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values[:8])) + (f" (+{len(values) - 8} more)" if len(values) > 8 else "")
+
+
+class PairReader:
+    """Loads one (image, mask) pair and validates it: the decoded image and its mask as labels.
+
+    ``label_map``: an int64 lookup table (raw mask value -> label; -1 = not allowed), or None for
+    masks that already hold class indices (values must be < ``num_classes`` or ``ignore_index``).
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, label_map: torch.Tensor | None = None,
+                 label_help: str = ""):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.label_map, self.label_help = label_map, label_help
+
+    def table(self, mask_path: Path) -> tuple[torch.Tensor | None, str]:
+        """The lookup table for this mask file and what its values should be (per file: Cityscapes)."""
+        return self.label_map, self.label_help
+
+    def load(self, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
+        image, raw = read_image(pair.image), read_mask(pair.mask)
+        if tuple(raw.shape) != tuple(image.shape[-2:]):
+            raise MaskError(f"{pair.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {pair.image.name} is "
+                            f"{image.shape[-1]}x{image.shape[-2]} (WxH); expected the same size")
+        return image, self.to_labels(raw, pair.mask)
+
+    def to_labels(self, raw: torch.Tensor, path: Path) -> torch.Tensor:
+        label_map, label_help = self.table(path)
+        if label_map is not None:
+            inside = (raw >= 0) & (raw < len(label_map))
+            labels = torch.full_like(raw, -1)
+            labels[inside] = label_map[raw[inside]]
+            bad = labels < 0
+            if bad.any():
+                raise MaskError(f"{path}: label values {_few(raw[bad].unique())} are not in the label table; "
+                                f"expected {label_help}")
+            return labels
+        bad = ((raw < 0) | (raw >= self.num_classes)) & (raw != self.ignore_index)
+        if bad.any():
+            raise MaskError(f"{path}: label values {_few(raw[bad].unique())} are >= num_classes={self.num_classes}; "
+                            f"expected class indices 0..{self.num_classes - 1} or ignore_index={self.ignore_index}")
+        return raw
+
+
+class PairedSegmentationDataset(Dataset):
+    """Map-style dataset over ``(image, mask)`` file pairs listed by a format module.
+
+    ``transform(image, target) -> (image, target)`` (``tasks.data.seg_transforms``).
+    ``on_bad_sample="skip"``: unpaired files are left out at listing time, unreadable or invalid samples
+    are replaced by the next good one; each is logged (``unpaired``, ``bad_samples``).
+    """
+
+    def __init__(self, listing: PairListing, split_dir: Path, reader: PairReader, transform: Callable | None = None,
+                 on_bad_sample: str = "error"):
+        if on_bad_sample not in ON_BAD_SAMPLE_CHOICES:
+            raise ValueError(f"data.on_bad_sample={on_bad_sample!r} must be one of: {', '.join(ON_BAD_SAMPLE_CHOICES)}")
+        problems = listing.fatal + ([] if on_bad_sample == "skip" else listing.problems)
+        if problems:
+            more = len(problems) - 1
+            raise DataError(problems[0] + (f" (and {more} more problems; run `effdense data check`)" if more else ""))
+        if listing.problems:
+            log.warning("%s: skipping %d unpaired files (data.on_bad_sample=skip), e.g. %s", split_dir,
+                        len(listing.problems), listing.problems[0])
+        if not listing.pairs:
+            raise DataError(f"'{split_dir}': no image with a mask left in this split; expected at least one pair")
+        self.pairs, self.split_dir, self.reader, self.transform = listing.pairs, split_dir, reader, transform
+        self.num_classes, self.ignore_index = reader.num_classes, reader.ignore_index
+        self.on_bad_sample = on_bad_sample
+        self.bad_samples: list[Path] = []  # samples skipped while loading (per process)
+        self.unpaired: list[str] = list(listing.problems)  # files left out at listing time (skip mode)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.pairs)):
+            pair = self.pairs[(index + offset) % len(self.pairs)]
+            if pair.image in self.bad_samples:
+                continue
+            try:
+                image, mask = self.reader.load(pair)
+                break
+            except (UnreadableImageError, MaskError) as error:
+                if self.on_bad_sample == "error":
+                    raise
+                self.bad_samples.append(pair.image)
+                log.warning("skipping %s (data.on_bad_sample=skip)", error)
+        else:
+            raise DataError(f"'{self.split_dir}': none of the {len(self.pairs)} samples is usable")
+        target = {"mask": mask, "image_id": pair.image_id, "orig_size": tuple(mask.shape[-2:])}
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        return image, target
+
+
+def check_pairs(reader: PairReader, listing: PairListing, workers: int = 4, progress: bool = False,
+                desc: str = "checking samples") -> list[str]:
+    """Layout problems of ``listing``, then every pair that does not load (one line each)."""
+    problems = listing.fatal + listing.problems
+    if listing.fatal:
+        return problems
+
+    def problem(pair: Pair) -> str | None:
+        try:
+            reader.load(pair)
+        except (UnreadableImageError, MaskError) as error:
+            return str(error)
+        return None
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(problem, listing.pairs)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(listing.pairs), desc=desc, unit="img")
+        return problems + [p for p in results if p is not None]
+
+
+def collate_segmentation(batch: Sequence[tuple[torch.Tensor, dict]], train: bool = True, ignore_index: int = 255):
+    """Stack a batch, padding images (0) and masks (``ignore_index``) bottom/right to the largest size.
+
+    Train: ``(images uint8 (N, 3, H, W), {"masks": int64 (N, H, W)})``. Eval: the masks (at original
+    resolution) plus ``image_size`` (valid h, w of each image on the canvas), ``orig_size`` and ``image_id``.
+    """
+    images = [image for image, _ in batch]
+    masks = [target["mask"] for _, target in batch]
+    height, width = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
+    canvas = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    for i, image in enumerate(images):
+        canvas[i, :, : image.shape[-2], : image.shape[-1]] = image
+    mh, mw = max(m.shape[-2] for m in masks), max(m.shape[-1] for m in masks)
+    stacked = torch.full((len(masks), mh, mw), ignore_index, dtype=torch.int64)
+    for i, mask in enumerate(masks):
+        stacked[i, : mask.shape[-2], : mask.shape[-1]] = mask
+    if train:
+        return canvas, {"masks": stacked}
+    return canvas, {
+        "masks": stacked,
+        "image_size": torch.tensor([list(i.shape[-2:]) for i in images], dtype=torch.int64),
+        "orig_size": torch.tensor([list(t["orig_size"]) for _, t in batch], dtype=torch.int64),
+        "image_id": [t["image_id"] for _, t in batch],
+    }
+
+
+def segmentation_collate(train: bool, ignore_index: int = 255) -> Callable:
+    """The collate function for train or eval batches (picklable, for DataLoader workers)."""
+    return partial(collate_segmentation, train=train, ignore_index=ignore_index)
