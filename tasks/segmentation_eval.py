@@ -102,7 +102,7 @@ class SegmentationEvaluator:
             raise RuntimeError("SegmentationEvaluator.compute(): no labelled pixels were evaluated "
                                "(empty validation split, or every mask pixel is ignore_index)")
         iou = _iou(confusion)
-        metrics = {"mIoU": _nanmean(iou), "pixel_acc": (confusion.diag().sum() / confusion.sum()).item()}
+        metrics = {"mIoU": _nanmean(iou), "pixel_acc": (confusion.diag().sum().double() / confusion.sum()).item()}
         for name, value in zip(self.class_names, iou.tolist()):
             if value == value:  # classes with neither truth nor prediction have no IoU
                 metrics[f"iou/{name}"] = value
