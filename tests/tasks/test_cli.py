@@ -135,6 +135,14 @@ def test_torchrun_two_processes_shard_train_and_eval(dataset, tmp_path, capsys):
     assert main(["eval", DEMO, *_tiny(dataset), "--weights", str(run_dir / "model.safetensors"), "--json"]) == 0
     single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert single["top1"] == pytest.approx(record["val/top1"])
+    # eval under torchrun: sharded, printed once (rank 0), and the process group is left cleanly.
+    command[command.index("train"):] = ["eval", DEMO, *_tiny(dataset), "--weights", str(run_dir / "best.pt"), "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and printed[0]["top1"] == pytest.approx(single["top1"])
+    assert "destroy_process_group" not in done.stderr
 
 
 def test_resume_with_changed_schedule_is_refused(dataset, trained, capsys):
@@ -158,3 +166,86 @@ def test_weights_from_a_plain_torchvision_pt_file(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(task.net(x), peer(x), rtol=1e-4, atol=1e-5)
 
+
+
+# ---------------------------------------------------------------- issue 7: the CLI's contract
+
+
+def test_predict_without_the_dataset_reads_class_names_from_the_weights(dataset, trained, tmp_path, capsys):
+    import shutil
+
+    images = sorted((Path(dataset) / "val").glob("*/*.jpg"))[:1]
+    copy = tmp_path / "one.jpg"
+    shutil.copy(images[0], copy)
+    classes = sorted(p.name for p in (Path(dataset) / "train").iterdir())
+    for weights in ("best.pt", "model.safetensors"):
+        assert main(["predict", DEMO, "--set", "data.root=/nonexistent", "--set", "data.image_size=32",
+                     "--weights", str(trained / weights), str(copy), "--topk", "4"]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert all(name in line for name in classes), line  # the names stored at training time
+
+
+def test_predict_with_imagenet_weights_prints_imagenet_names(tmp_path, capsys):
+    from torchvision.models import EfficientNet_B0_Weights
+    from torchvision.io import write_png
+
+    torch.manual_seed(0)
+    path = tmp_path / "tv_b0.pth"
+    torch.save(torchvision.models.efficientnet_b0().state_dict(), path)  # random weights, torchvision's layout
+    photo = tmp_path / "photo.png"
+    write_png(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), str(photo))
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "classification" / "efficientnet_b0_imagenet.yaml")
+    assert main(["predict", config, "--set", "data.image_size=64", "--weights", str(path), str(photo),
+                 "--topk", "2", "--out", str(tmp_path / "out")]) == 0
+    labels = [entry["label"] for entry in json.loads((tmp_path / "out" / "predictions.json").read_text())[0]["top"]]
+    categories = EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"]
+    assert len(labels) == 2 and all(label in categories for label in labels)
+
+
+def test_model_weights_from_a_checkpoint_are_the_ema_weights(dataset, tmp_path):
+    from tasks import registry
+    from tasks.config import load
+
+    run_dir = tmp_path / "ema"
+    assert main(["train", DEMO, *_tiny(dataset), "--set", "train.ema=true", "--set", "train.ema_decay=0.5",
+                 "--output", str(run_dir)]) == 0
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    ema = {k[len("module.net."):]: v for k, v in state["ema"].items() if k.startswith("module.net.")}
+    raw = {k[len("net."):]: v for k, v in state["model"].items() if k.startswith("net.")}
+    assert not all(torch.equal(ema[k], raw[k]) for k in ema)
+    model = registry.build_model(load(DEMO, [f"model.weights={run_dir / 'last.pt'}"]))
+    loaded = model.net.state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+
+
+def test_reusing_a_named_run_directory_is_refused(dataset, trained, capsys):
+    assert main(["train", DEMO, *_tiny(dataset), "--output", str(trained)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a run" in err and "--overwrite" in err
+
+
+def test_a_corrupt_image_in_a_worker_is_one_line_naming_the_file(tmp_path, capsys):
+    from tasks.data.synthetic import write_classification
+
+    root = write_classification(tmp_path / "shapes", num_classes=4, train_per_class=4, val_per_class=2, size=32)
+    victim = sorted((root / "train").glob("*/*.jpg"))[3]
+    victim.write_bytes(b"\xff\xd8 not a jpeg")
+    code = main(["train", DEMO, "--set", f"data.root={root}", "--set", "data.image_size=32", "--set",
+                 "data.batch_size=4", "--set", "data.workers=2", "--set", "train.epochs=1", "--set",
+                 "train.progress=false", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert str(victim) in err and "not a readable image" in err and "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback_and_user_errors_say_how_to_see_one(monkeypatch, capsys):
+    import tasks.cli as cli
+
+    def broken(args):
+        raise ValueError("an internal bug, not the user's input")
+
+    monkeypatch.setattr(cli, "cmd_backbones", broken)
+    with pytest.raises(ValueError, match="internal bug"):
+        main(["backbones"])
+    assert main(["train", DEMO, "--set", "train.epochz=3"]) == 2
+    assert "(run with -v for the traceback)" in capsys.readouterr().err

@@ -79,3 +79,42 @@ def test_signal_on_one_rank_stops_all_and_resume_is_bitwise_exact(ddp_run):
         assert rank["stop"] == {"exit_code": 143, "step": 8, "batch_in_epoch": 2}
         for name, value in rank["straight"].items():
             assert torch.equal(value, rank["resumed"][name]), name
+
+
+@pytest.fixture(scope="module")
+def ddp_eval(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_eval")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(REPO / "tests/tasks/ddp_eval_helper.py"), str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_evaluation_with_uneven_and_empty_shards_counts_every_image_once(ddp_eval):
+    from torch.utils.data import DataLoader
+
+    from tests.tasks.toy_task import NoisyImages
+
+    rank0, rank1 = ddp_eval
+    assert (rank0["shard3"], rank1["shard3"]) == (2, 1) and (rank0["shard1"], rank1["shard1"]) == (1, 0)
+    torch.manual_seed(0)
+    model = ToyTask().eval()
+    for count in (3, 1):  # the whole split by hand, in one process
+        with torch.no_grad():
+            images, labels = next(iter(DataLoader(NoisyImages(count, seed=7), batch_size=count)))
+            expected = float((model(images).argmax(1) == labels).sum()) / count
+        for rank in ddp_eval:
+            assert rank[f"eval{count}"]["seen"] == count and rank[f"eval{count}"]["top1"] == expected
+
+
+def test_rank_zero_decides_best_when_ranks_disagree(ddp_eval):
+    rank0, rank1 = ddp_eval
+    assert rank0["best"] == rank1["best"]  # rank 0's value, on both
+    assert rank0["best_step"] is not None
+
+
+def test_loaders_built_without_the_process_group_are_refused(ddp_eval):
+    for rank in ddp_eval:
+        assert rank["unsharded"] is not None and "is not sharded across the 2 processes" in rank["unsharded"]

@@ -25,27 +25,30 @@ class TopOneEvaluator:
     def reset(self):
         self.correct = torch.zeros((), dtype=torch.float64)
         self.total = torch.zeros((), dtype=torch.float64)
+        self.logit_sum = torch.zeros((), dtype=torch.float64)  # tells which weights produced the logits
 
     def update(self, logits, labels):
         self.correct += (logits.argmax(1) == labels).sum().cpu().double()
         self.total += labels.numel()
+        self.logit_sum += logits.double().sum().cpu()
 
     def compute(self):
-        counts = torch.stack([self.correct, self.total])
+        counts = torch.stack([self.correct, self.total, self.logit_sum])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
-        return {"top1": float(counts[0] / counts[1]), "seen": float(counts[1])}
+        return {"top1": float(counts[0] / counts[1]), "seen": float(counts[1]), "logit_sum": float(counts[2])}
 
 
 class ToyTask(nn.Module):
-    def __init__(self, batch_norm=True, dropout=0.0, flip=False, nan_at=None, signal_at=None, signum=15, sleep=0.0):
+    def __init__(self, batch_norm=True, dropout=0.0, flip=False, nan_at=None, signal_at=None, signum=15, sleep=0.0,
+                 inf_grad_at=None):
         super().__init__()
         norm = nn.BatchNorm2d(8) if batch_norm else nn.Identity()
         self.net = nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1, bias=not batch_norm), norm, nn.ReLU(),
             nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(8, NUM_CLASSES))
-        self.flip, self.nan_at, self.sleep = flip, nan_at, sleep
+        self.flip, self.nan_at, self.sleep, self.inf_grad_at = flip, nan_at, sleep, inf_grad_at
         self.signal_at, self.signum = signal_at, signum
         self.calls = 0  # training forwards so far
 
@@ -59,6 +62,9 @@ class ToyTask(nn.Module):
         ce = F.cross_entropy(logits, targets)
         if self.nan_at is not None and self.calls == self.nan_at:
             ce = ce * float("nan")
+        if self.inf_grad_at is not None and self.calls == self.inf_grad_at:
+            weight = self.net[-1].weight  # a finite loss (sqrt(0) = 0) whose gradient is inf
+            ce = ce + (weight - weight.detach()).abs().sqrt().sum()
         if self.signal_at is not None and self.calls == self.signal_at:
             os.kill(os.getpid(), self.signum)
         if self.sleep:
