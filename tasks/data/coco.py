@@ -232,7 +232,8 @@ class CocoDetection(Dataset):
 
     def target(self, index: int) -> dict:
         """The untransformed target of image ``index`` (boxes in original pixels)."""
-        return {"boxes": torch.from_numpy(self._boxes[index].copy()), "labels": torch.from_numpy(self._labels[index].copy()),
+        return {"boxes": torch.from_numpy(self._boxes[index].copy()),
+                "labels": torch.from_numpy(self._labels[index].copy()),
                 "iscrowd": torch.from_numpy(self._crowd[index].copy()), "image_id": int(self.images[index]["id"])}
 
     def __getitem__(self, index: int):
@@ -259,8 +260,8 @@ class CocoDetection(Dataset):
     def _read(self, index: int, path: Path) -> torch.Tensor:
         record = self.images[index]
         if not path.is_file():
-            raise MissingImageError(f"{path}: listed in {self.annotation_file} (image id {record['id']}) but not found; "
-                                    f"expected the image under {self.image_dir}")
+            raise MissingImageError(f"{path}: listed in {self.annotation_file} (image id {record['id']}) but not "
+                                    f"found; expected the image under {self.image_dir}")
         image = read_rgb(path)
         if tuple(image.shape[-2:]) != (int(record["height"]), int(record["width"])):
             raise UnreadableImageError(f"{path}: is {image.shape[-1]}x{image.shape[-2]} but {self.annotation_file} "
@@ -299,7 +300,8 @@ def check_coco(root: str | Path | None = None, split: str = "train", *, annotati
                            f"their image as [x, y, width, height] but every box fits as corners; COCO expects "
                            f"[x, y, width, height]")
     if not image_dir.is_dir():
-        return problems + [f"{image_dir}: image folder not found (for {annotation_file}); expected COCO layout {LAYOUT}"]
+        return problems + [f"{image_dir}: image folder not found (for {annotation_file}); expected COCO layout "
+                           f"{LAYOUT}"]
     problems += _image_problems(annotation_file, image_dir, data["images"], decode, workers)
     return problems
 
@@ -319,8 +321,8 @@ def _image_problems(annotation_file: Path, image_dir: Path, records: list, decod
         except UnreadableImageError as error:
             return str(error)
         if tuple(image.shape[-2:]) != (int(record["height"]), int(record["width"])):
-            return (f"{path}: is {image.shape[-1]}x{image.shape[-2]} but {annotation_file} (image id {record['id']}) "
-                    f"says {record['width']}x{record['height']}")
+            return (f"{path}: is {image.shape[-1]}x{image.shape[-2]} but {annotation_file} "
+                    f"(image id {record['id']}) says {record['width']}x{record['height']}")
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -2,7 +2,7 @@
 
 ``write_coco(root)`` writes ``root/annotations/instances_{train,val}.json`` and ``root/{train,val}/*.jpg``
 exactly as COCO lays them out. Three classes with non-contiguous category ids (3 square, 7 circle,
-11 triangle), each with its own colour family, 1-4 objects of 14-70 px per image of 128-256 px
+11 triangle), each with its own colour family, 1-4 objects of 20-64 px per image of 128-192 px
 (not square), on a dark noisy background; every split holds an image without objects and a crowd
 annotation (a cluster of small squares under one ``iscrowd`` box). The same arguments give the same
 bytes.
@@ -48,7 +48,7 @@ def _draw_image(generator: torch.Generator, height: int, width: int, objects: in
         if len(placed) == objects:
             break
         category = CATEGORIES[int(torch.randint(len(CATEGORIES), (), generator=generator))]["id"]
-        half = _uniform(generator, 7, min(35, min(height, width) / 4))
+        half = _uniform(generator, 10, min(32, min(height, width) / 4))
         cx, cy = _uniform(generator, half, width - half), _uniform(generator, half, height - half)
         if any(abs(cx - px) < half + ph and abs(cy - py) < half + ph for px, py, ph in placed):
             continue
@@ -71,7 +71,7 @@ def _paint(image, generator, category, xs, ys, cx, cy, half) -> None:
 
 
 def write_coco(root: str | Path, train_images: int = 240, val_images: int = 60, min_size: int = 128,
-               max_size: int = 256, seed: int = 0) -> Path:
+               max_size: int = 192, seed: int = 0) -> Path:
     """Write the dataset under ``root`` (empty, missing, or written by this function before) and return it."""
     if train_images < 2 or val_images < 2:
         raise ValueError(f"train_images and val_images must be >= 2, got {train_images}, {val_images}")

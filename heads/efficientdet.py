@@ -1,0 +1,214 @@
+"""EfficientDet: backbone + BiFPN + class/box nets, and the D0..D7x table as data.
+
+The class and box nets share their separable convs across pyramid levels and keep one BatchNorm per
+level and repeat (Tan, Pang & Le, 2020; effdet's ``HeadNet``). Their outputs per level are
+``(N, anchors * classes, H, W)`` and ``(N, anchors * 4, H, W)``, channel = anchor * outputs + k, with
+box codes in (ty, tx, th, tw) order, as effdet and automl lay them out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from backbones.blocks import ACTIVATIONS
+from backbones.specs import make_divisible
+
+from .bifpn import BiFPN, SeparableConv2d
+
+PRIOR_PROBABILITY = 0.01  # the class bias starts every anchor at p = 0.01 (focal-loss paper)
+
+
+class HeadNet(nn.Module):
+    """``depth`` x (separable 3x3 conv shared by all levels -> BN of that level -> activation), then a
+    shared separable 3x3 prediction conv with ``num_anchors * num_outputs`` channels (with bias).
+
+    ``prior_probability``: when given, the prediction bias starts at -log((1 - p) / p) (class net);
+    otherwise at 0 (box net).
+    """
+
+    def __init__(self, width: int, num_outputs: int, num_anchors: int, depth: int, num_levels: int,
+                 act: str = "silu", norm_eps: float = 1e-3, norm_momentum: float = 0.01,
+                 prior_probability: float | None = None):
+        super().__init__()
+        if depth < 1 or num_levels < 1 or num_outputs < 1 or num_anchors < 1:
+            raise ValueError(f"HeadNet: depth, levels, outputs and anchors must be >= 1, got depth={depth}, "
+                             f"levels={num_levels}, outputs={num_outputs}, anchors={num_anchors}")
+        norm = partial(nn.BatchNorm2d, eps=norm_eps, momentum=norm_momentum)
+        self.num_outputs, self.num_anchors = num_outputs, num_anchors
+        self.prior_probability = prior_probability
+        self.convs = nn.ModuleList(SeparableConv2d(width, width) for _ in range(depth))
+        self.norms = nn.ModuleList(nn.ModuleList(norm(width) for _ in range(num_levels)) for _ in range(depth))
+        self.act = ACTIVATIONS[act]()
+        self.predict = SeparableConv2d(width, num_anchors * num_outputs, bias=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """TF's initialisation: variance scaling (normal, fan-in) for every conv, BN 1/0, the prior bias."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                _variance_scaling_(module.weight)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.reset_predictor()
+
+    def reset_predictor(self) -> None:
+        """A fresh prediction layer (weights and prior bias): what a class-count change re-initialises."""
+        _variance_scaling_(self.predict.dw.weight)
+        _variance_scaling_(self.predict.pw.weight)
+        p = self.prior_probability
+        nn.init.constant_(self.predict.pw.bias, 0.0 if p is None else -math.log((1 - p) / p))
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        outputs = []
+        for level, x in enumerate(maps):
+            for conv, norms in zip(self.convs, self.norms):
+                x = self.act(norms[level](conv(x)))
+            outputs.append(self.predict(x))
+        return outputs
+
+
+def _variance_scaling_(weight: torch.Tensor) -> None:
+    fan_in = weight.shape[1] * weight[0][0].numel()  # per group: in-channels/groups x kernel area
+    with torch.no_grad():
+        weight.normal_(0.0, math.sqrt(1.0 / max(1.0, fan_in)))
+
+
+def _glorot_uniform_(weight: torch.Tensor, groups: int) -> None:
+    area = weight[0][0].numel()
+    fan_in, fan_out = weight.shape[1] * area, weight.shape[0] * area // groups
+    limit = math.sqrt(6.0 / max(2.0, fan_in + fan_out))
+    with torch.no_grad():
+        weight.uniform_(-limit, limit)
+
+
+class EfficientDet(nn.Module):
+    """``backbone`` (s8, s16, s32 taps) -> :class:`BiFPN` -> class and box nets.
+
+    ``forward(x)`` returns ``(class_maps, box_maps)``: one tensor per level, P3 first, of shape
+    ``(N, num_anchors * num_classes, H_l, W_l)`` and ``(N, num_anchors * 4, H_l, W_l)`` (logits and
+    box codes; :mod:`tasks.detection` turns them into losses or detections).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, width: int, repeats: int, head_depth: int,
+                 levels: Sequence[int] = range(3, 8), fusion: str = "fast", num_anchors: int = 9,
+                 padding: str = "symmetric", act: str = "silu", norm_eps: float = 1e-3, norm_momentum: float = 0.01):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        taps = [spec for spec in backbone.feature_info if spec.name in ("s8", "s16", "s32")]
+        if [spec.name for spec in taps] != ["s8", "s16", "s32"]:
+            raise ValueError(f"EfficientDet needs the backbone's s8, s16 and s32 taps (out_indices=(2, 3, 4)); "
+                             f"it has {[spec.name for spec in backbone.feature_info]}")
+        self.backbone = backbone
+        self._taps = [spec.name for spec in taps]
+        self.levels = tuple(levels)
+        self.num_classes, self.num_anchors = num_classes, num_anchors
+        norm = dict(norm_eps=norm_eps, norm_momentum=norm_momentum)
+        self.fpn = BiFPN([spec.channels for spec in taps], width, repeats, self.levels, fusion=fusion,
+                         padding=padding, act=act, **norm)
+        self.class_net = HeadNet(width, num_classes, num_anchors, head_depth, len(self.levels), act=act,
+                                 prior_probability=PRIOR_PROBABILITY, **norm)
+        self.box_net = HeadNet(width, 4, num_anchors, head_depth, len(self.levels), act=act, **norm)
+        for name, module in self.fpn.named_modules():
+            if isinstance(module, nn.Conv2d):
+                _glorot_uniform_(module.weight, module.groups)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's stage activations in backward (the largest share of the memory)."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        features = self.backbone(x)
+        maps = self.fpn([features[name] for name in self._taps])
+        return self.class_net(maps), self.box_net(maps)
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+@dataclass(frozen=True)
+class EfficientDetPreset:
+    """One row of the EfficientDet table: everything that sizes a detector."""
+
+    name: str
+    backbone: str  # a backbones.create name ("efficientnet" with backbone_phi for a free phi)
+    input_size: int
+    width: int  # BiFPN channels
+    repeats: int  # BiFPN cells
+    head_depth: int  # separable convs in the class/box nets before the prediction conv
+    anchor_scale: float
+    levels: tuple[int, ...]
+    fusion: str
+    backbone_phi: float | None = None
+    drop_path: float = 0.2  # backbone stochastic depth (automl's and effdet's default)
+
+
+def _row(index: str, backbone: int, size: int, width: int, repeats: int, depth: int, anchor_scale: float = 4.0,
+         max_level: int = 7, fusion: str = "fast") -> EfficientDetPreset:
+    return EfficientDetPreset(f"efficientdet-d{index}", f"efficientnet-b{backbone}", size, width, repeats, depth,
+                              anchor_scale, tuple(range(3, max_level + 1)), fusion)
+
+
+# automl hparams_config.py (effdet model_config.py agrees); D6+ fuse with an unweighted sum.
+PRESETS: dict[str, EfficientDetPreset] = {p.name: p for p in (
+    _row("0", 0, 512, 64, 3, 3),
+    _row("1", 1, 640, 88, 4, 3),
+    _row("2", 2, 768, 112, 5, 3),
+    _row("3", 3, 896, 160, 6, 4),
+    _row("4", 4, 1024, 224, 7, 4),
+    _row("5", 5, 1280, 288, 7, 4),
+    _row("6", 6, 1280, 384, 8, 5, fusion="sum"),
+    _row("7", 6, 1536, 384, 8, 5, anchor_scale=5.0, fusion="sum"),
+    _row("7x", 7, 1536, 384, 8, 5, max_level=8, fusion="sum"),
+)}
+
+# The paper's scaling rule for a free phi (section 4.2, eqs. 1-3).
+WIDTH_BASE, WIDTH_GROWTH = 64, 1.35
+MIN_FREE_PHI = -2.0
+
+
+def efficientdet_preset(phi: int | float | str) -> EfficientDetPreset:
+    """The row for ``phi``: 0..7 or ``"7x"`` (also ``"d3"``, ``"efficientdet-d3"``) give the published
+    table; any other real ``phi`` (>= -2) follows the paper's rule with an ``efficientnet(phi)`` backbone:
+    W = 64 * 1.35^phi rounded to a multiple of 8 (never more than 10% down), D_bifpn = 3 + phi and
+    R = 512 + 128 * phi rounded to the nearest integer / multiple of 128, D_head = 3 + floor(phi / 3).
+
+    An integral phi is the table row, not the rule: the released widths are hand-rounded (D2 has 112
+    channels where the rule gives 120, D4 224 for 216) and D5+ deviate in depth and resolution.
+    """
+    if isinstance(phi, str):
+        key = phi.strip().lower().removeprefix("efficientdet-").removeprefix("efficientdet_").removeprefix("d")
+        if f"efficientdet-d{key}" in PRESETS:
+            return PRESETS[f"efficientdet-d{key}"]
+        try:
+            phi = float(key)
+        except ValueError:
+            raise ValueError(f"unknown EfficientDet scale {phi!r}; expected 0..7, '7x', 'd0'..'d7x' or a real "
+                             f"phi >= {MIN_FREE_PHI:g}") from None
+    phi = float(phi)
+    if not math.isfinite(phi) or phi < MIN_FREE_PHI:
+        raise ValueError(f"EfficientDet phi={phi} must be a finite number >= {MIN_FREE_PHI:g}")
+    if phi.is_integer() and 0 <= phi <= 7:
+        return PRESETS[f"efficientdet-d{int(phi)}"]
+    round_half_up = lambda value: int(math.floor(value + 0.5))  # noqa: E731
+    return EfficientDetPreset(
+        name=f"efficientdet(phi={phi:g})", backbone="efficientnet", backbone_phi=phi,
+        input_size=128 * max(1, round_half_up(4 + phi)),
+        width=make_divisible(WIDTH_BASE * WIDTH_GROWTH**phi, 8),
+        repeats=max(1, round_half_up(3 + phi)),
+        head_depth=max(1, 3 + math.floor(phi / 3)),
+        anchor_scale=4.0, levels=tuple(range(3, 8)), fusion="fast" if phi < 6 else "sum")
+
+
+def list_presets() -> list[str]:
+    """The table's names, ``efficientdet-d0`` .. ``efficientdet-d7x``."""
+    return list(PRESETS)

@@ -1,0 +1,257 @@
+"""Object detection: EfficientDet D0..D7x (or any phi) with focal/Huber training and COCO evaluation.
+
+``build_detector`` returns a network in torchvision's detection convention: float normalised images
+(N, 3, H, W) in; in train mode ``model(images, targets)`` with ``targets`` a list of
+``{"boxes": (n, 4) xyxy input pixels, "labels": (n,) int64 in 0..num_classes-1, "iscrowd": (n,)
+optional}`` returns ``{"class_loss", "box_loss"}``; in eval mode ``model(images)`` returns one
+``{"boxes", "scores", "labels"}`` per image (input pixels, best first). :class:`DetectionTask`
+wraps it for the engine: uint8 images in, normalised on the device, a COCO evaluator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+import backbones
+from heads.anchors import AnchorGenerator, match_anchors
+from heads.efficientdet import EfficientDet, EfficientDetPreset, efficientdet_preset
+
+from .detection_loss import BOX_LOSS_WEIGHT, FOCAL_ALPHA, FOCAL_GAMMA, HUBER_DELTA, detection_loss
+from .detection_postprocess import PostProcess, postprocess
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class EfficientDetector(EfficientDet):
+    """:class:`heads.EfficientDet` + anchors + targets + loss + post-processing (see the module doc).
+
+    The state dict is the network's alone (``backbone.*``, ``fpn.*``, ``class_net.*``, ``box_net.*``);
+    anchors are built per input size and device and cached.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, width: int, repeats: int, head_depth: int,
+                 levels: Sequence[int] = range(3, 8), fusion: str = "fast", anchor_scale: float = 4.0,
+                 padding: str = "symmetric", act: str = "silu", norm_eps: float = 1e-3, norm_momentum: float = 0.01,
+                 post: PostProcess = PostProcess(), match_threshold: float = 0.5, focal_alpha: float = FOCAL_ALPHA,
+                 focal_gamma: float = FOCAL_GAMMA, huber_delta: float = HUBER_DELTA,
+                 box_loss_weight: float = BOX_LOSS_WEIGHT, input_size: int | None = None, name: str = "efficientdet"):
+        anchors = AnchorGenerator(levels, anchor_scale)
+        super().__init__(backbone, num_classes, width, repeats, head_depth, levels, fusion, anchors.num_anchors,
+                         padding=padding, act=act, norm_eps=norm_eps, norm_momentum=norm_momentum)
+        self.anchors, self.post, self.padding = anchors, post, padding
+        self.match_threshold = match_threshold
+        self.loss_options = dict(alpha=focal_alpha, gamma=focal_gamma, delta=huber_delta,
+                                 box_loss_weight=box_loss_weight)
+        self.input_size, self.name = input_size, name
+
+    def forward_raw(self, images: torch.Tensor):
+        """(class_out (N, A, C) logits, box_out (N, A, 4) codes, anchors (A, 4)) over all levels."""
+        class_maps, box_maps = super().forward(images)
+        sizes = [m.shape[-2:] for m in class_maps]
+        anchors = self.anchors(images.shape[-2:], sizes, images.device)
+        batch = images.shape[0]
+        class_out = torch.cat([m.permute(0, 2, 3, 1).reshape(batch, -1, self.num_classes) for m in class_maps], 1)
+        box_out = torch.cat([m.permute(0, 2, 3, 1).reshape(batch, -1, 4) for m in box_maps], 1)
+        return class_out, box_out, anchors
+
+    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
+        class_out, box_out, anchors = self.forward_raw(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("EfficientDetector in train mode needs targets: a list of {'boxes', 'labels'} "
+                                 "dicts, one per image (call model.eval() for detections)")
+            class_targets, box_targets, positives = self.targets(targets, anchors)
+            return detection_loss(class_out, box_out, class_targets, box_targets, positives, **self.loss_options)
+        return postprocess(class_out, box_out, anchors, tuple(images.shape[-2:]), self.post)
+
+    def targets(self, targets: list[dict[str, torch.Tensor]], anchors: torch.Tensor):
+        """Padded batch -> ``match_anchors`` targets (class (N, A), box codes (N, A, 4), positives (N,))."""
+        boxes, labels, crowd = pad_targets(targets, anchors.device)
+        return match_anchors(anchors, boxes, labels, crowd, self.match_threshold)
+
+
+def pad_targets(targets: list[dict[str, torch.Tensor]], device: torch.device):
+    """A list of per-image targets -> (boxes (N, M, 4), labels (N, M) with -1 padding, crowd (N, M) or None)."""
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, dict) for t in targets):
+        raise TypeError(f"targets must be a list of dicts with 'boxes' and 'labels', got {type(targets).__name__}")
+    boxes = [torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4) for t in targets]
+    labels = [torch.as_tensor(t["labels"], dtype=torch.long, device=device).reshape(-1) for t in targets]
+    if max((len(b) for b in boxes), default=0) == 0:
+        empty = torch.zeros(len(targets), 0, device=device)
+        return empty.unsqueeze(-1).expand(-1, -1, 4), empty.long(), None
+    crowd = None
+    if any("iscrowd" in t for t in targets):
+        flags = [torch.as_tensor(t["iscrowd"], device=device).reshape(-1).bool() if "iscrowd" in t
+                 else torch.zeros(len(b), dtype=torch.bool, device=device) for t, b in zip(targets, boxes)]
+        crowd = pad_sequence(flags, batch_first=True, padding_value=False)
+    return (pad_sequence(boxes, batch_first=True), pad_sequence(labels, batch_first=True, padding_value=-1), crowd)
+
+
+# ------------------------------------------------------------------------------------------ builder
+
+# effdet's flavours: tf_efficientdet_* are the TF-ported weights (TF "SAME" padding, TF BatchNorm in the
+# backbone); efficientdet_* were trained in PyTorch (symmetric padding), like our own efficientdet-d*.
+_TF_FLAVOUR = dict(padding="same", backbone_norm_eps=1e-3, backbone_norm_momentum=0.01)
+
+
+def resolve_name(name: str, phi: float | None = None) -> tuple[EfficientDetPreset, dict]:
+    """``name`` (+ ``phi``) -> (the table row, flavour defaults)."""
+    key = name.strip().lower()
+    if key == "efficientdet":
+        if phi is None:
+            raise ValueError("efficientdet: give phi=<float> (e.g. phi=2.5), or a name efficientdet-d0..d7x")
+        return efficientdet_preset(phi), {}
+    if phi is not None:
+        raise ValueError(f"phi applies only to 'efficientdet', not to the preset {name!r}")
+    flavour = {}
+    if key.startswith("tf_efficientdet_d"):
+        key, flavour = key[len("tf_"):], dict(_TF_FLAVOUR)
+    if key.startswith("efficientdet_d") or key.startswith("efficientdet-d"):
+        try:
+            return efficientdet_preset(key[len("efficientdet-d"):]), flavour
+        except ValueError:
+            pass
+    raise ValueError(f"unknown detector {name!r}; known: efficientdet-d0..efficientdet-d7x, tf_efficientdet_d0..d7x "
+                     f"(effdet's TF-ported flavour), efficientdet_d0..d7x, or 'efficientdet' with phi=")
+
+
+def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights: str | None = None, *,
+                   phi: float | None = None, backbone_weights: str | None = None, padding: str | None = None,
+                   width: int | None = None, repeats: int | None = None, head_depth: int | None = None,
+                   drop_path: float | None = None, backbone_norm_eps: float | None = None,
+                   backbone_norm_momentum: float | None = None, nms: str = "hard", nms_iou: float = 0.5,
+                   soft_nms_sigma: float = 0.5, max_candidates: int = 5000, max_detections: int = 100,
+                   score_threshold: float = 0.0, **options) -> EfficientDetector:
+    """An EfficientDet by name (``efficientdet-d0`` .. ``-d7x``, ``tf_efficientdet_d*``, ``efficientdet_d*``,
+    or ``efficientdet`` with a free ``phi``) with ``num_classes`` classes.
+
+    ``weights``: an effdet (``tf_efficientdet_d*``/``efficientdet_d*``) or effdense detector file, loaded
+    strictly (a different class count re-initialises the class predictor only, with a warning).
+    ``backbone_weights``: a classifier or backbone file (torchvision, timm, effdet, effdense) loaded into
+    the backbone only — the usual start of a detector. ``padding``: ``"symmetric"`` or TF ``"same"``
+    (backbone and BiFPN pools; ``tf_efficientdet_*`` names default to ``"same"``); ``drop_path``: the
+    backbone's stochastic depth (0.2); ``width``/``repeats``/``head_depth`` override the row's BiFPN
+    width, BiFPN cells and class/box net depth. NMS: ``nms="hard"`` (IoU ``nms_iou``) or ``"soft"`` (gaussian,
+    ``soft_nms_sigma``). ``options`` go to :class:`EfficientDetector` (``anchor_scale``, ``fusion``,
+    ``match_threshold``, loss constants, ``norm_eps``/``norm_momentum`` of the BiFPN and heads).
+    """
+    preset, flavour = resolve_name(name, phi)
+    padding = padding or flavour.get("padding", "symmetric")
+    backbone_options = {}
+    eps = backbone_norm_eps if backbone_norm_eps is not None else flavour.get("backbone_norm_eps")
+    momentum = backbone_norm_momentum if backbone_norm_momentum is not None else flavour.get("backbone_norm_momentum")
+    if eps is not None:
+        backbone_options["norm_eps"] = eps
+    if momentum is not None:
+        backbone_options["norm_momentum"] = momentum
+    if preset.backbone_phi is not None:
+        backbone_options["phi"] = preset.backbone_phi
+    backbone = backbones.create(preset.backbone, out_indices=(2, 3, 4), padding=padding,
+                                drop_path=preset.drop_path if drop_path is None else drop_path, **backbone_options)
+    if backbone_weights is not None:
+        from backbones.weights import load_weights
+
+        load_weights(backbone, backbone_weights)
+    post = PostProcess(nms=nms, iou_threshold=nms_iou, sigma=soft_nms_sigma, max_candidates=max_candidates,
+                       max_detections=max_detections, score_threshold=score_threshold)
+    options.setdefault("anchor_scale", preset.anchor_scale)
+    options.setdefault("fusion", preset.fusion)
+    model = EfficientDetector(backbone, num_classes, width=width or preset.width,
+                              repeats=repeats or preset.repeats, head_depth=head_depth or preset.head_depth,
+                              levels=preset.levels, padding=padding, post=post,
+                              input_size=preset.input_size, name=name if phi is None else f"efficientdet(phi={phi:g})",
+                              **options)
+    if weights is not None:
+        from .detection_weights import load_detector_weights
+
+        load_detector_weights(model, weights)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ task
+
+
+class DetectionTask(nn.Module):
+    """The engine's task protocol for detection: uint8 images (N, 3, H, W) in.
+
+    Train mode: ``forward(images, targets)`` -> ``{"class_loss", "box_loss"}``; eval mode:
+    ``forward(images)`` -> detections in input pixels (the evaluator maps them to the original image
+    with each target's ``scale``/``offset``). ``annotation_file`` is the evaluation split's COCO json;
+    ``detections_dir``, when set, receives ``detections.json`` at each evaluation.
+    """
+
+    primary_metric = "mAP"
+
+    def __init__(self, net: EfficientDetector, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 annotation_file: str | None = None, detections_dir: str | None = None,
+                 class_names: Sequence[str] | None = None):
+        super().__init__()
+        self.net = net
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_scale", 1.0 / (torch.tensor(std).view(1, -1, 1, 1) * 255), persistent=False)
+        self.annotation_file, self.detections_dir = annotation_file, detections_dir
+        self.class_names = list(class_names) if class_names is not None else None
+        self._ground_truth = None  # the loaded annotation file, kept across evaluations
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.num_classes
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(x - 255 mean) / (255 std) in float32, into a new tensor (the input is left as it is)."""
+        return (images.to(torch.float32) - self.pixel_mean).mul_(self.pixel_scale)
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
+        x = self.normalize(images)
+        if self.training:
+            return self.net(x, targets)
+        return self.net(x)
+
+    def make_evaluator(self):
+        from .detection_eval import CocoEvaluator, load_ground_truth
+
+        if self.annotation_file is None:
+            raise ValueError("DetectionTask.annotation_file is not set: the evaluator needs the split's COCO json")
+        if self._ground_truth is None or self._ground_truth.path != str(self.annotation_file):
+            self._ground_truth = load_ground_truth(self.annotation_file)
+        return CocoEvaluator(self._ground_truth, post=self.net.post, output_dir=self.detections_dir)
+
+    @torch.no_grad()
+    def detect(self, images: Sequence[torch.Tensor], size: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Detections on original-size uint8 images (3, H, W): letterboxed to ``size`` (default the
+        preset's input size), run in eval mode, boxes mapped back to each image and clipped."""
+        from .data.det_transforms import letterbox, unletterbox_boxes
+
+        size = size or self.net.input_size or 512
+        device = self.pixel_mean.device
+        was_training = self.training
+        self.eval()
+        try:
+            batch, metas = zip(*(letterbox(image, size) for image in images))
+            detections = self(torch.stack(batch).to(device))
+        finally:
+            self.train(was_training)
+        for detection, meta in zip(detections, metas):
+            detection["boxes"] = unletterbox_boxes(detection["boxes"], meta)
+        return list(detections)
+
+
+def draw_detections(image: torch.Tensor, detection: dict[str, torch.Tensor], class_names: Sequence[str] | None = None,
+                    score_threshold: float = 0.0, width: int = 2) -> torch.Tensor:
+    """``image`` (uint8 (3, H, W)) with the boxes scoring above ``score_threshold`` drawn, each labelled
+    with its class name (or index) and score."""
+    from torchvision.utils import draw_bounding_boxes
+
+    keep = detection["scores"] > score_threshold
+    boxes, scores, labels = (detection[k][keep].cpu() for k in ("boxes", "scores", "labels"))
+    names = [f"{class_names[int(c)] if class_names else int(c)} {float(s):.2f}" for c, s in zip(labels, scores)]
+    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+    colors = [palette[int(c) % len(palette)] for c in labels]
+    if not len(boxes):
+        return image.clone()
+    return draw_bounding_boxes(image.cpu(), boxes, labels=names, colors=colors, width=width)

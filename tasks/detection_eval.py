@@ -1,0 +1,152 @@
+"""COCO box evaluation with pycocotools, over every rank's detections.
+
+``CocoEvaluator.update(detections, targets)`` maps each image's boxes back to the original image
+(the target's ``scale``/``offset``/``orig_size``), converts labels to the json's category ids and keeps
+compact rows ``[image_id, x, y, w, h, score, category_id]``. ``compute()`` gathers the rows (and the
+ids of every image seen, detections or not) to rank 0 with ``gather_object``, writes
+``detections.json`` (COCO results format) when ``output_dir`` is set, runs ``COCOeval(gt, dt, "bbox")``
+on exactly those rows, and broadcasts the 12 stats so every rank returns the same dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data.coco import build_coco, category_maps, read_annotation_file
+from .data.det_transforms import unletterbox_boxes
+from .detection_postprocess import PostProcess
+
+log = logging.getLogger("effdense")
+
+STAT_NAMES = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large",
+              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+DETECTIONS_FILE = "detections.json"
+
+
+@dataclass
+class GroundTruth:
+    """A split's annotation file loaded for evaluation: the pycocotools index and the label -> id map."""
+
+    path: str
+    coco: object  # pycocotools.coco.COCO
+    cat_ids: list[int]
+
+
+def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
+    """Read ``path`` (one-line errors as the dataset's) and fill the optional fields COCOeval needs
+    (``area`` = w * h, ``iscrowd`` = 0) where a custom json omits them."""
+    data = read_annotation_file(path)
+    for ann in data["annotations"]:
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+    cat_ids, _, _ = category_maps(data["categories"])
+    return GroundTruth(str(path), build_coco(data), cat_ids)
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CocoEvaluator:
+    """The 12 COCO box stats (``mAP`` .. ``AR_large``) of a whole split; see the module doc."""
+
+    primary_metric = "mAP"
+    higher_is_better = True
+
+    def __init__(self, ground_truth: GroundTruth | str | os.PathLike, post: PostProcess | None = None,
+                 output_dir: str | os.PathLike | None = None):
+        self.gt = ground_truth if isinstance(ground_truth, GroundTruth) else load_ground_truth(ground_truth)
+        self.post = post
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.reset()
+
+    def reset(self) -> None:
+        self._rows: list[np.ndarray] = []
+        self._seen: list[int] = []
+
+    def describe(self) -> dict:
+        """What produced the detections (NMS settings), recorded next to every mAP."""
+        return self.post.describe() if self.post is not None else {}
+
+    def update(self, detections: list[dict[str, torch.Tensor]], targets: list[dict]) -> None:
+        """One batch: ``detections`` in input pixels (the model's eval output), ``targets`` the batch's
+        target dicts (``image_id``, ``orig_size``, ``scale``, ``offset``)."""
+        cat_ids = np.asarray(self.gt.cat_ids, dtype=np.float64)
+        for detection, target in zip(detections, targets):
+            image_id = int(target["image_id"])
+            self._seen.append(image_id)
+            boxes = detection["boxes"].detach().float().cpu()
+            if not len(boxes):
+                continue
+            if "scale" in target:
+                boxes = unletterbox_boxes(boxes, target)
+            boxes = boxes.numpy().astype(np.float64)
+            scores = detection["scores"].detach().float().cpu().numpy().astype(np.float64)
+            labels = detection["labels"].detach().cpu().numpy().astype(np.int64)
+            rows = np.empty((len(boxes), 7), dtype=np.float64)
+            rows[:, 0] = image_id
+            rows[:, 1:3] = boxes[:, :2]
+            rows[:, 3:5] = boxes[:, 2:] - boxes[:, :2]
+            rows[:, 5] = scores
+            rows[:, 6] = cat_ids[labels]
+            # What detections.json holds (boxes to 0.01 px, scores to 1e-5) is exactly what is evaluated.
+            rows[:, 1:5] = rows[:, 1:5].round(2)
+            rows[:, 5] = rows[:, 5].round(5)
+            self._rows.append(rows)
+
+    def compute(self) -> dict[str, float]:
+        rows = np.concatenate(self._rows) if self._rows else np.zeros((0, 7))
+        seen = sorted(set(self._seen))
+        if _is_distributed():
+            gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object((rows, seen), gathered, dst=0)
+            if dist.get_rank() == 0:
+                rows = np.concatenate([r for r, _ in gathered])
+                seen = sorted({i for _, ids in gathered for i in ids})
+            stats = [self._evaluate(rows, seen) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(stats, src=0)
+            return stats[0]
+        return self._evaluate(rows, seen)
+
+    def _evaluate(self, rows: np.ndarray, seen: list[int]) -> dict[str, float]:
+        if self.output_dir is not None:
+            self.write(rows, self.output_dir / DETECTIONS_FILE)
+        if not seen:
+            raise RuntimeError("CocoEvaluator.compute(): no images were evaluated (empty validation split?)")
+        if not len(rows):
+            log.warning("no detections on the %d evaluated images: every COCO stat is 0", len(seen))
+            return {name: 0.0 for name in STAT_NAMES}
+        from pycocotools.cocoeval import COCOeval
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            results = self.gt.coco.loadRes(rows)
+            evaluation = COCOeval(self.gt.coco, results, "bbox")
+            evaluation.params.imgIds = seen
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+        return {name: float(value) for name, value in zip(STAT_NAMES, evaluation.stats)}
+
+    @staticmethod
+    def write(rows: np.ndarray, path: str | os.PathLike) -> Path:
+        """Write ``rows`` as COCO results json (``image_id``, ``category_id``, ``bbox`` xywh, ``score``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        results = [{"image_id": int(r[0]), "category_id": int(r[6]), "bbox": [float(v) for v in r[1:5]],
+                    "score": float(r[5])} for r in rows]
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "w") as f:
+            json.dump(results, f)
+        os.replace(temporary, path)
+        return path

@@ -1,0 +1,77 @@
+"""EfficientDet training loss: sigmoid focal loss + Huber box loss, normalised by the positive anchors.
+
+Both terms are computed in float32 whatever the autocast dtype (bf16/fp16 logits are cast first), on
+all levels at once, without a Python loop over images. The class term avoids materialising one-hot
+targets: every valid anchor pays the negative-class loss on all classes, and each positive anchor's
+true class is corrected by (positive - negative) loss at that one logit (a gather, not a mask).
+
+Normalisation (automl/effdet): ``class_loss = focal_sum / (P + 1)`` and
+``box_loss = box_loss_weight * huber_sum / (4 * (P + 1))`` with P the positive anchors of the batch.
+Under DDP, P must be the same number on every rank: each rank all-reduces (sums) its count and uses
+``P = sum / world_size``, the mean count per rank. DDP then averages the gradients over ranks, so the
+result is the gradient of (sum of every rank's loss sums) / (total positives + world_size): the
+single-process normalisation of the global batch (with +1 per rank instead of +1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from heads.anchors import IGNORE
+
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 1.5
+HUBER_DELTA, BOX_LOSS_WEIGHT = 0.1, 50.0
+
+
+def focal_loss_sum(logits: torch.Tensor, class_targets: torch.Tensor, alpha: float = FOCAL_ALPHA,
+                   gamma: float = FOCAL_GAMMA) -> torch.Tensor:
+    """Sum of the sigmoid focal loss over (N, A, C) ``logits`` with (N, A) targets (class, -1, -2).
+
+    Per logit x with target t: alpha_t * (1 - p_t)^gamma * BCE(x, t); anchors with target -2 count
+    nothing. Computed in float32 with log-sigmoids, so large logits neither overflow nor lose the tail.
+    """
+    logits = logits.float()
+    valid = (class_targets != IGNORE).unsqueeze(-1)
+    positive = class_targets >= 0
+    log_p = F.logsigmoid(logits)  # log sigmoid(x)
+    # Negative term: (1 - alpha) * p^gamma * -log(1 - p), with -log(1 - p) = x - log_p.
+    negative = (1.0 - alpha) * torch.exp(gamma * log_p) * (logits - log_p)
+    total = negative.masked_fill(~valid, 0.0).sum()
+    # Positive anchors: replace the negative term at their class by alpha * (1 - p)^gamma * -log(p).
+    x = logits.gather(-1, class_targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    log_p_true = F.logsigmoid(x)
+    log_q_true = F.logsigmoid(-x)  # log(1 - p)
+    positive_loss = alpha * torch.exp(gamma * log_q_true) * -log_p_true
+    negative_loss = (1.0 - alpha) * torch.exp(gamma * log_p_true) * -log_q_true
+    return total + ((positive_loss - negative_loss) * positive).sum()
+
+
+def box_loss_sum(box_codes: torch.Tensor, box_targets: torch.Tensor, positive: torch.Tensor,
+                 delta: float = HUBER_DELTA) -> torch.Tensor:
+    """Sum of the Huber loss (``delta``) over the 4 codes of the positive anchors, in float32."""
+    loss = F.huber_loss(box_codes.float(), box_targets, reduction="none", delta=delta)
+    return (loss.sum(-1) * positive).sum()
+
+
+def global_positives(num_positives: torch.Tensor) -> torch.Tensor:
+    """The batch's positive count as a global quantity: sum over ranks / world size under DDP."""
+    count = num_positives.sum()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count
+
+
+def detection_loss(class_out: torch.Tensor, box_out: torch.Tensor, class_targets: torch.Tensor,
+                   box_targets: torch.Tensor, num_positives: torch.Tensor, alpha: float = FOCAL_ALPHA,
+                   gamma: float = FOCAL_GAMMA, delta: float = HUBER_DELTA,
+                   box_loss_weight: float = BOX_LOSS_WEIGHT) -> dict[str, torch.Tensor]:
+    """``{"class_loss", "box_loss"}`` (the box term already weighted) for flattened outputs:
+    ``class_out`` (N, A, C) logits, ``box_out`` (N, A, 4) codes, targets from ``match_anchors``."""
+    normaliser = global_positives(num_positives) + 1.0
+    class_loss = focal_loss_sum(class_out, class_targets, alpha, gamma) / normaliser
+    box_loss = box_loss_sum(box_out, box_targets, class_targets >= 0, delta) / (4.0 * normaliser)
+    return {"class_loss": class_loss, "box_loss": box_loss_weight * box_loss}
