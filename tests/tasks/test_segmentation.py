@@ -128,6 +128,42 @@ def test_miou_equals_cityscapes_scripts(cityscapes, tmp_path):
         assert ours.get(f"iou/{name}", float("nan")) == pytest.approx(official_iou, nan_ok=True, abs=1e-12)
 
 
+def test_predict_files_scored_by_cityscapes_scripts_equal_our_evaluator(cityscapes, tmp_path):
+    # End to end: the labelId PNGs our predict path writes, scored by the official script, against our
+    # evaluator on the same network through the dataset + collate path (half-size eval input).
+    if not hasattr(np, "in1d"):
+        np.in1d = np.isin
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+
+    from tasks.data.seg_transforms import segmentation_eval_transform
+    from tasks.segmentation_predict import predict_paths
+
+    torch.manual_seed(3)
+    task = SegmentationTask(build_segmenter("efficientnet-b0", 19, decoder_channels=(32, 16, 16, 8, 8)),
+                            class_names=CLASS_NAMES, categories=CATEGORIES).eval()
+    with torch.no_grad():  # spread the random network's predictions over several classes
+        task.net.head.conv.bias.copy_(torch.linspace(-1, 1, 19))
+    transform = segmentation_eval_transform("resize", (32, 64))
+    dataset = CityscapesDataset(cityscapes, "val", transform)
+    evaluator = task.make_evaluator()
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            images, targets = collate_segmentation([dataset[i]], train=False)
+            evaluator.update(task(images), targets)
+    ours = evaluator.compute()
+    results = predict_paths(task, [p.image for p in dataset.pairs], tmp_path, transform,
+                            label_ids=TRAIN_TO_LABEL_ID, class_names=CLASS_NAMES)
+    files = [r["files"]["label_ids"] for r in results]
+    assert [f.rsplit("/", 1)[1] for f in files] == [p.image.name.replace("leftImg8bit", "labelIds")
+                                                   for p in dataset.pairs]
+    args = official.args
+    args.evalInstLevelScore, args.JSONOutput, args.quiet, args.evalPixelAccuracy = False, False, True, False
+    result = official.evaluateImgLists(files, [str(p.mask) for p in dataset.pairs], args)
+    assert ours["mIoU"] == pytest.approx(result["averageScoreClasses"], abs=1e-12)
+    assert ours["mIoU_category"] == pytest.approx(result["averageScoreCategories"], abs=1e-12)
+    assert len([k for k in ours if k.startswith("iou/")]) >= 3
+
+
 def test_evaluator_under_ddp_with_an_empty_shard(tmp_path):
     import torch.multiprocessing as mp
 

@@ -1,0 +1,91 @@
+"""Segmentation predictions as files: per image at its original resolution, flat in one folder.
+
+``<name>_trainIds.png`` (class indices, 8-bit; 16-bit above 255 classes), ``<name>_overlay.png`` (the
+image blended with the class colours) and, given a train-id -> label-id table (Cityscapes:
+``tasks.data.cityscapes.TRAIN_TO_LABEL_ID``), ``<name>_labelIds.png`` -- what cityscapesScripts'
+evaluator reads, matched to the ground truth by the ``city_seq_frame`` stem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.seg_common import read_image
+from .segmentation_eval import labels_at_original
+
+__all__ = ["prediction_name", "default_palette", "predict_labels", "write_prediction", "predict_paths"]
+
+_CITYSCAPES_IMAGE = "_leftImg8bit"
+
+
+def prediction_name(path: str | Path) -> str:
+    """The output stem for an input image: ``aachen_000000_000019`` for a Cityscapes image, else its stem."""
+    stem = Path(path).stem
+    return stem[: -len(_CITYSCAPES_IMAGE)] if stem.endswith(_CITYSCAPES_IMAGE) else stem
+
+
+def default_palette(num_classes: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """Distinct-enough colours for ``num_classes`` classes (fixed by ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(int(c) for c in row) for row in torch.randint(40, 256, (num_classes, 3), generator=g).tolist()]
+
+
+@torch.no_grad()
+def predict_labels(task, image: torch.Tensor, transform: Callable | None = None) -> torch.Tensor:
+    """uint8 (3, H, W) -> int64 (H, W) labels at the image's own resolution.
+
+    ``transform(image, target)``: the eval transform (``tasks.data.seg_transforms``); a resize is undone
+    on the logits, never on labels.
+    """
+    task.eval()
+    device = task.pixel_mean.device
+    height, width = image.shape[-2:]
+    if transform is not None:
+        image, _ = transform(image, {"mask": torch.zeros(height, width, dtype=torch.int64), "image_id": "",
+                                     "orig_size": (height, width)})
+    logits = task(image.unsqueeze(0).to(device))[0]
+    return labels_at_original(logits, None, (height, width)).cpu()
+
+
+def write_prediction(out_dir: str | Path, name: str, labels: torch.Tensor, image: torch.Tensor | None = None,
+                     colors: Sequence[Sequence[int]] | None = None, label_ids: torch.Tensor | None = None,
+                     alpha: float = 0.5) -> dict[str, Path]:
+    """Write the PNGs for one prediction (see the module docstring); returns ``{kind: path}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    array = labels.cpu().numpy()
+    paths = {"train_ids": out / f"{name}_trainIds.png"}
+    Image.fromarray(array.astype(np.uint16 if array.max(initial=0) > 255 else np.uint8)).save(paths["train_ids"])
+    if label_ids is not None:
+        paths["label_ids"] = out / f"{name}_labelIds.png"
+        Image.fromarray(label_ids[labels.cpu()].numpy().astype(np.uint8)).save(paths["label_ids"])
+    if image is not None:
+        palette = torch.tensor(colors if colors is not None else default_palette(int(array.max(initial=0)) + 1),
+                               dtype=torch.float32)
+        colour = palette[labels.cpu().clamp(0, len(palette) - 1)].permute(2, 0, 1)
+        blended = (1 - alpha) * image.cpu().float() + alpha * colour
+        paths["overlay"] = out / f"{name}_overlay.png"
+        Image.fromarray(blended.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()).save(paths["overlay"])
+    return paths
+
+
+def predict_paths(task, paths: Sequence[str | Path], out: str | Path | None = None, transform: Callable | None = None,
+                  colors: Sequence[Sequence[int]] | None = None, label_ids: torch.Tensor | None = None,
+                  class_names: Sequence[str] | None = None) -> list[dict]:
+    """Predict each image file; with ``out``, write its PNGs there. Returns per-image summaries
+    (``image``, ``files``, ``classes``: fraction of pixels per predicted class name)."""
+    results = []
+    for path in paths:
+        image = read_image(path)
+        labels = predict_labels(task, image, transform)
+        counts = torch.bincount(labels.reshape(-1))
+        names = class_names or [str(i) for i in range(len(counts))]
+        shares = {names[i]: round(c / labels.numel(), 5) for i, c in enumerate(counts.tolist()) if c}
+        files = {} if out is None else write_prediction(out, prediction_name(path), labels, image, colors, label_ids)
+        results.append({"image": str(path), "files": {k: str(v) for k, v in files.items()}, "classes": shares})
+    return results
