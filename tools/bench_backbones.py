@@ -3,15 +3,20 @@
     python tools/bench_backbones.py                 # CPU here; on a GPU also AMP bf16 + channels_last
     python tools/bench_backbones.py --batch 64 --model efficientnet-b3 --peer-timm efficientnet_b3
 
-Inference (eval, no grad) and one training step (forward, backward, SGD) at the same batch and
-size; every model runs in every round, interleaved, and the fastest round counts
-(as in timeit: on a shared machine noise only ever adds time). Prints img/s and
-ratios ours/peer (>1 means we are faster).
+Inference (eval, inference_mode) and one training step (forward, backward, SGD) at the same batch
+and size. Every model runs once in every round, in an order that alternates from round to round; each
+round gives a ratio ours/peer (>1: we are faster) and the table shows the median of those paired
+ratios (on a shared machine two identical models differ by up to 10% in fastest-of-N, which pairing
+cancels) and the median img/s. ``--same-weights`` loads timm's random weights into ours (identical
+logits), so that only the implementations differ.
+
+    python tools/bench_backbones.py --model efficientnet-lite0 --peer-timm efficientnet_lite0 --peer-torchvision ''
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,10 @@ def build_models(args):
 
     models = {"effdense": build_classifier(args.model)}
     models["timm"] = timm.create_model(args.peer_timm, pretrained=False)
+    if args.same_weights:
+        from backbones.weights import load_state
+
+        load_state(models["effdense"], models["timm"].state_dict(), f"timm {args.peer_timm}")
     if args.peer_torchvision:
         models["torchvision"] = getattr(torchvision.models, args.peer_torchvision)()
     return models
@@ -38,7 +47,7 @@ def make_step(model, mode, images, labels):
     if mode == "infer":
         model.eval()
 
-        @torch.no_grad()
+        @torch.inference_mode()
         def step():
             return model(images)
     else:
@@ -76,10 +85,14 @@ def bench(models, device, mode, batch, size, amp, channels_last, iters, rounds):
         steps[name] = make_step(model, mode, images, labels)
         run(steps[name], device, amp, max(2, iters // 3))  # warm-up (cudnn autotune, allocator)
     times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(run(step, device, amp, iters))
-    return {name: batch * iters / min(t) for name, t in times.items()}
+    names = list(steps)
+    for index in range(rounds):
+        for name in (names if index % 2 == 0 else names[::-1]):  # alternate the order: no model always goes first
+            times[name].append(run(steps[name], device, amp, iters))
+    rates = {name: batch * iters / statistics.median(t) for name, t in times.items()}
+    ratios = {name: statistics.median(p / o for p, o in zip(t, times["effdense"]))
+              for name, t in times.items() if name != "effdense"}
+    return rates, ratios
 
 
 def main(argv=None):
@@ -90,7 +103,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--iters", type=int, default=None, help="steps per timed round (default: 1 CPU, 50 GPU)")
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--same-weights", action="store_true", help="load timm's weights into ours")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -105,13 +119,13 @@ def main(argv=None):
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads)  batch={args.batch}  size={args.size}  torch={torch.__version__}")
     header = f"{'mode':<7}{'precision':<20}" + "".join(f"{n + ' img/s':>18}" for n in models)
-    header += "".join(f"{'ours/' + n:>18}" for n in models if n != "effdense")
+    header += "".join(f"{'ours/' + n + ' (median)':>26}" for n in models if n != "effdense")
     print(header)
     for mode in ("infer", "train"):
         for label, amp, channels_last in settings:
-            rates = bench(models, device, mode, args.batch, args.size, amp, channels_last, iters, args.rounds)
+            rates, ratios = bench(models, device, mode, args.batch, args.size, amp, channels_last, iters, args.rounds)
             row = f"{mode:<7}{label:<20}" + "".join(f"{rates[n]:>18.1f}" for n in models)
-            row += "".join(f"{rates['effdense'] / rates[n]:>17.3f}x" for n in models if n != "effdense")
+            row += "".join(f"{ratios[n]:>25.3f}x" for n in models if n != "effdense")
             print(row, flush=True)
 
 
