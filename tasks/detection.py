@@ -181,20 +181,22 @@ class DetectionTask(nn.Module):
     Train mode: ``forward(images, targets)`` -> ``{"class_loss", "box_loss"}``; eval mode:
     ``forward(images)`` -> detections in input pixels (the evaluator maps them to the original image
     with each target's ``scale``/``offset``). ``annotation_file`` is the evaluation split's COCO json;
-    ``detections_dir``, when set, receives ``detections.json`` at each evaluation.
+    ``detections_dir``, when set, receives ``detections.json`` at each evaluation; ``class_names`` and
+    ``cat_ids`` (label -> the json's category id) label what :func:`predict_paths` draws and writes.
     """
 
     primary_metric = "mAP"
 
     def __init__(self, net: EfficientDetector, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  annotation_file: str | None = None, detections_dir: str | None = None,
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None, cat_ids: Sequence[int] | None = None):
         super().__init__()
         self.net = net
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_scale", 1.0 / (torch.tensor(std).view(1, -1, 1, 1) * 255), persistent=False)
         self.annotation_file, self.detections_dir = annotation_file, detections_dir
         self.class_names = list(class_names) if class_names is not None else None
+        self.cat_ids = [int(c) for c in cat_ids] if cat_ids is not None else None
         self._ground_truth = None  # the loaded annotation file, kept across evaluations
 
     @property
@@ -221,9 +223,10 @@ class DetectionTask(nn.Module):
         return CocoEvaluator(self._ground_truth, post=self.net.post, output_dir=self.detections_dir)
 
     @torch.no_grad()
-    def detect(self, images: Sequence[torch.Tensor], size: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """Detections on original-size uint8 images (3, H, W): letterboxed to ``size`` (default the
-        preset's input size), run in eval mode, boxes mapped back to each image and clipped."""
+    def detect(self, images: Sequence[torch.Tensor], size: int | Sequence[int] | None = None
+               ) -> list[dict[str, torch.Tensor]]:
+        """Detections on original-size uint8 images (3, H, W): letterboxed to ``size`` ((h, w) or an int;
+        default the preset's input size), run in eval mode, boxes mapped back to each image and clipped."""
         from .data.det_transforms import letterbox, unletterbox_boxes
 
         size = size or self.net.input_size or 512
@@ -238,6 +241,53 @@ class DetectionTask(nn.Module):
         for detection, meta in zip(detections, metas):
             detection["boxes"] = unletterbox_boxes(detection["boxes"], meta)
         return list(detections)
+
+
+def predict_paths(task: DetectionTask, paths: Sequence[str], out: str | None = None,
+                  size: int | Sequence[int] | None = None, score_threshold: float = 0.3) -> list[dict]:
+    """Detect on image files; print one line per image. With ``out``: each image drawn with its boxes
+    scoring above ``score_threshold`` (``<out>/<name>``, PNG or JPEG as the input) and every detection
+    in ``<out>/detections.json`` (COCO results format plus ``file_name``; ``image_id`` = position in
+    ``paths``; ``category_id`` = the json's id when ``task.cat_ids`` is known, else the label)."""
+    import json
+    from pathlib import Path
+
+    from torchvision.io import encode_jpeg, encode_png
+
+    from .data.imagefolder import read_rgb
+
+    folder = Path(out) if out else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    names, cat_ids = task.class_names, task.cat_ids
+    results, rows = [], []
+    for index, path in enumerate(paths):
+        image = read_rgb(path)
+        detection = {k: v.cpu() for k, v in task.detect([image], size)[0].items()}
+        keep = detection["scores"] > score_threshold
+        shown = [f"{names[int(c)] if names else int(c)} {float(s):.2f}"
+                 for c, s in zip(detection["labels"][keep], detection["scores"][keep])]
+        line = f"{path}: {int(keep.sum())} detections above {score_threshold:g}"
+        print(line + (": " + ", ".join(shown) if shown else ""))
+        for box, score, label in zip(detection["boxes"].tolist(), detection["scores"].tolist(),
+                                     detection["labels"].tolist()):
+            rows.append({"image_id": index, "file_name": str(path), "score": round(score, 5),
+                         "category_id": cat_ids[label] if cat_ids else label,
+                         "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
+                                  round(box[3] - box[1], 2)]})
+        if folder is not None:
+            drawn = draw_detections(image, detection, names, score_threshold)
+            target = folder / Path(path).name
+            if target.suffix.lower() in (".jpg", ".jpeg"):
+                target.write_bytes(encode_jpeg(drawn, quality=92).numpy().tobytes())
+            else:
+                target = target.with_suffix(".png")
+                target.write_bytes(encode_png(drawn).numpy().tobytes())
+        results.append({"image": str(path), **detection})
+    if folder is not None:
+        (folder / "detections.json").write_text(json.dumps(rows))
+        print(f"wrote {folder / 'detections.json'} and {len(paths)} drawn images")
+    return results
 
 
 def draw_detections(image: torch.Tensor, detection: dict[str, torch.Tensor], class_names: Sequence[str] | None = None,

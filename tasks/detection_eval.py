@@ -114,16 +114,22 @@ class CocoEvaluator:
             if dist.get_rank() == 0:
                 rows = np.concatenate([r for r, _ in gathered])
                 seen = sorted({i for _, ids in gathered for i in ids})
-            stats = [self._evaluate(rows, seen) if dist.get_rank() == 0 else None]
-            dist.broadcast_object_list(stats, src=0)
-            return stats[0]
+            result = [self._evaluate_or_error(rows, seen) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(result, src=0)  # every rank returns (or raises) the same
+        else:
+            result = [self._evaluate_or_error(rows, seen)]
+        if isinstance(result[0], str):
+            raise RuntimeError(result[0])
+        return result[0]
+
+    def _evaluate_or_error(self, rows: np.ndarray, seen: list[int]) -> dict[str, float] | str:
+        if not seen:
+            return "CocoEvaluator.compute(): no images were evaluated (empty validation split?)"
         return self._evaluate(rows, seen)
 
     def _evaluate(self, rows: np.ndarray, seen: list[int]) -> dict[str, float]:
         if self.output_dir is not None:
             self.write(rows, self.output_dir / DETECTIONS_FILE)
-        if not seen:
-            raise RuntimeError("CocoEvaluator.compute(): no images were evaluated (empty validation split?)")
         if not len(rows):
             log.warning("no detections on the %d evaluated images: every COCO stat is 0", len(seen))
             return {name: 0.0 for name in STAT_NAMES}

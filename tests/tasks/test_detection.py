@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from heads.anchors import AnchorGenerator, decode_boxes, encode_boxes, feature_sizes, match_anchors
-from tasks.detection import DetectionTask, build_detector, draw_detections, pad_targets
+from tasks.detection import DetectionTask, build_detector, draw_detections, pad_targets, predict_paths
 from tasks.detection_loss import detection_loss, focal_loss_sum
 from tasks.detection_postprocess import PostProcess, postprocess
 
@@ -210,3 +210,23 @@ def test_pad_targets_shapes():
                                         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}],
                                        torch.device("cpu"))
     assert boxes.shape == (2, 2, 4) and labels.tolist() == [[0, 1], [-1, -1]] and crowd is None
+
+
+def test_detect_and_predict_paths_map_back_to_the_original_image(tmp_path, capsys):
+    import json
+
+    from torchvision.io import encode_png
+
+    task = DetectionTask(build_detector("efficientdet-d0", 2, max_detections=5), class_names=["a", "b"],
+                         cat_ids=[4, 9])
+    image = torch.randint(0, 255, (3, 90, 140), dtype=torch.uint8)
+    path = tmp_path / "photo.png"
+    path.write_bytes(encode_png(image).numpy().tobytes())
+    detections = task.detect([image], size=(64, 128))
+    boxes = detections[0]["boxes"]
+    assert len(boxes) == 5 and (boxes[:, 2] <= 140).all() and (boxes[:, 3] <= 90).all()
+    results = predict_paths(task, [str(path)], out=str(tmp_path / "out"), size=(64, 128), score_threshold=0.0)
+    assert "photo.png: 5 detections above 0" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert len(rows) == 5 and {r["category_id"] for r in rows} <= {4, 9} and len(results) == 1
+    assert (tmp_path / "out" / "photo.png").stat().st_size > 0
