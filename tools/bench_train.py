@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.classification import ClassificationTask, build_classifier  # noqa: E402
-from tasks.config import Config  # noqa: E402
+from tasks.config import ClassificationConfig as Config  # noqa: E402
 from tasks.engine import Trainer  # noqa: E402
 
 
