@@ -16,7 +16,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/effdense demo
+	$(BIN)/effdense demo classification
+	$(BIN)/effdense demo segmentation
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_backbones.py

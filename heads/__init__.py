@@ -1,5 +1,6 @@
-"""Heads for EfficientNet backbones: classification (U-Net and BiFPN/EfficientDet to follow)."""
+"""Heads for EfficientNet backbones: classification, U-Net segmentation (BiFPN/EfficientDet to follow)."""
 
 from .classification import ClassificationHead
+from .unet import SCSE, AuxClassificationHead, SegmentationHead, UNetDecoder
 
-__all__ = ["ClassificationHead"]
+__all__ = ["AuxClassificationHead", "ClassificationHead", "SCSE", "SegmentationHead", "UNetDecoder"]

@@ -139,6 +139,12 @@ def cmd_data(args) -> int:
     from .data import FORMATS, check_dataset
     from .data.formats import formats_for
 
+    if args.data_command == "cityscapes-trainids":
+        from .data.cityscapes import write_train_ids
+
+        written = write_train_ids(args.root, overwrite=args.overwrite)
+        print(f"wrote {written} *_gtFine_labelTrainIds.png files under {Path(args.root) / 'gtFine'}")
+        return 0
     if args.data_command == "synth":
         formats = formats_for(args.task)
         name = args.format or formats[0]
@@ -237,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_data)
     c = data_sub.add_parser("check", help="scan a config's dataset and list every problem")
     _add_config_args(c)
+    c.set_defaults(func=cmd_data)
+    c = data_sub.add_parser("cityscapes-trainids", help="write *_gtFine_labelTrainIds.png beside every labelIds PNG",
+                            description="Write the 19-class train-id masks (255 = ignore) once, as cityscapesScripts' "
+                                        "createTrainIdLabelImgs does; training then reads them directly.")
+    c.add_argument("root", help="the Cityscapes root (holding gtFine/)")
+    c.add_argument("--overwrite", action="store_true", help="rewrite existing labelTrainIds files")
     c.set_defaults(func=cmd_data)
 
     p = sub.add_parser("weights", help="convert checkpoints", description="Convert checkpoints to effdense safetensors.")

@@ -30,7 +30,10 @@ def run_demo(task: str = "classification", output: str | None = None, overrides:
     minutes = (time.perf_counter() - start) / 60
     metrics = trainer.evaluate()
     print(f"trained {cfg.model.backbone} ({task}) for {cfg.train.epochs} epochs in {minutes:.1f} min on {trainer.device}")
-    print("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if hasattr(trainer.last_evaluator, "table"):
+        print(trainer.last_evaluator.table())
+    else:
+        print("validation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     print(f"run directory: {trainer.run_dir} (metrics.jsonl, plots, model.safetensors; "
           f"tensorboard --logdir {trainer.run_dir})")
     print(json.dumps(metrics))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import classification
+from . import classification, segmentation
 from .data.formats import formats_for
 from .engine.checkpoint import seed_everything
 
@@ -42,6 +42,7 @@ def _add(task: Task) -> None:
 
 
 _add(Task("classification", classification.build_model, classification.predict, DEMO_CONFIGS / "classification.yaml"))
+_add(Task("segmentation", segmentation.build_model, segmentation.predict, DEMO_CONFIGS / "segmentation.yaml"))
 
 
 def get(name: str) -> Task:

@@ -108,15 +108,22 @@ class SegmentationHeadConfig:
     head: str = choice("unet", "unet")
     decoder_channels: list[int] = numbers([256, 128, 64, 32, 16], AT_LEAST_ONE, length=5)
     attention: Optional[str] = choice(None, None, "scse")
-    norm: str = choice("batchnorm", "batchnorm", "identity")
+    norm: str = choice("batchnorm", "batchnorm", "identity")  # the decoder's norm
     upsampling: str = choice("nearest", "nearest", "bilinear")
-    s2_tap: str = choice("stage", "stage", "stem")  # stem: smp's EfficientNet encoders (their checkpoints load)
-    aux_head: bool = False  # multi-label class-presence head on s32
+    # stage: end of stage 1 (timm); stem: the stem output (smp's EfficientNet encoders); null: stage, or what
+    # an smp checkpoint in model.weights needs
+    s2_tap: Optional[str] = choice(None, None, "stage", "stem")
+    output_stride: int = choice(32, 32, 16, 8)  # < 32: the deepest stages dilated instead of strided
+    aux_head: bool = False  # multi-label class-presence head on s32 (loss.aux_weight)
     aux_dropout: float = number(0.2, FRACTION_BELOW_ONE)
+    # How model.weights was laid out when it came from smp: null = detected from its keys (a file we saved
+    # from an smp model needs it again): effdense | smp (efficientnet-bN) | smp-timm | smp-tu
+    flavour: Optional[str] = choice(None, None, "effdense", "smp", "smp-timm", "smp-tu")
 
 
 @dataclass
 class SegmentationModelConfig(ModelConfig):
+    task: str = choice("segmentation", "classification", "segmentation", "detection")
     num_classes: int = number(19, AT_LEAST_ONE)
     segmentation: SegmentationHeadConfig = field(default_factory=SegmentationHeadConfig)
 
@@ -138,6 +145,7 @@ class DetectionHeadConfig:
 
 @dataclass
 class DetectionModelConfig(ModelConfig):
+    task: str = choice("detection", "classification", "segmentation", "detection")
     num_classes: int = number(90, AT_LEAST_ONE)
     detection: DetectionHeadConfig = field(default_factory=DetectionHeadConfig)
 
@@ -190,7 +198,9 @@ class SegmentationAugmentConfig:
 
 @dataclass
 class SegmentationEvalConfig:
-    mode: str = choice("full", "resize", "full", "slide")  # resize to image_size | full image | sliding window
+    # resize: the image to data.image_size (predictions are compared at the label's resolution);
+    # full: the whole image at its own size; slide: the whole image in windows, overlaps averaged
+    mode: str = choice("full", "resize", "full", "slide")
     window: Optional[list[int]] = size_field()  # slide: tile [h, w] (null = data.image_size)
     stride: Optional[list[int]] = size_field()  # slide: step [h, w] (null = 2/3 of the window)
     flip: bool = False  # TTA: average with the h-flipped prediction
@@ -263,9 +273,10 @@ class ClassificationLossConfig:
 class SegmentationLossConfig:
     # The loss is the weighted sum of these terms (0 = off); each is logged by name.
     cross_entropy: float = number(1.0, NON_NEGATIVE)
-    dice: float = number(0.0, NON_NEGATIVE)
-    lovasz: float = number(0.0, NON_NEGATIVE)
-    focal: float = number(0.0, NON_NEGATIVE)
+    dice: float = number(0.0, NON_NEGATIVE)  # smp.losses.DiceLoss (multiclass)
+    lovasz: float = number(0.0, NON_NEGATIVE)  # smp.losses.LovaszLoss
+    focal: float = number(0.0, NON_NEGATIVE)  # smp.losses.FocalLoss
+    focal_gamma: float = number(2.0, NON_NEGATIVE)
     class_weights: Optional[list[float]] = numbers(None, NON_NEGATIVE)  # cross-entropy weight per class
     ohem: bool = False  # cross-entropy on the hard pixels only: p < ohem_thresh, at least ohem_min_kept
     ohem_thresh: float = number(0.7, OPEN_UNIT)

@@ -272,3 +272,92 @@ def _pair(value, name: str) -> tuple[int, int]:
     if len(pair) != 2 or any(int(v) < 1 for v in pair):
         raise ValueError(f"{name}={value!r} must be a positive int or (h, w)")
     return int(pair[0]), int(pair[1])
+
+
+# ------------------------------------------------------------------------------------------ from a config
+
+def _eval_view(cfg) -> tuple[str, dict]:
+    """(the eval transform's mode, the task's inference options) for ``data.eval``."""
+    from .config import resolve_image_size
+
+    ev, size = cfg.data.eval, resolve_image_size(cfg)
+    options = {"flip": ev.flip, "scales": tuple(ev.scales)}
+    if ev.mode == "slide":
+        window = tuple(ev.window or size)
+        stride = tuple(ev.stride or (max(1, window[0] * 2 // 3), max(1, window[1] * 2 // 3)))
+        options.update(inference="slide", window=window, stride=stride)
+    return ("resize" if ev.mode == "resize" else "full"), options
+
+
+def eval_transform(cfg):
+    """The eval transform of ``cfg`` (resize mode: the image to ``data.image_size``; else unchanged)."""
+    from .config import resolve_image_size
+    from .data.seg_transforms import segmentation_eval_transform
+
+    mode, _ = _eval_view(cfg)
+    return segmentation_eval_transform(mode, resolve_image_size(cfg) if mode == "resize" else None)
+
+
+def dataset_classes(cfg) -> tuple[list[str], list | None]:
+    """(class names, Cityscapes categories or None) for ``cfg``'s data format."""
+    if cfg.data.format == "cityscapes":
+        from .data.cityscapes import CATEGORIES, CLASS_NAMES
+
+        return list(CLASS_NAMES), list(CATEGORIES)
+    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
+    return list(names), None
+
+
+def build_model(cfg) -> SegmentationTask:
+    """The segmentation task module a ``tasks.config.SegmentationConfig`` describes."""
+    from .schema import backbone_spec
+
+    m, head, loss = cfg.model, cfg.model.segmentation, cfg.loss
+    name, options = backbone_spec(m)
+    for key in ("norm_eps", "norm_momentum"):
+        if getattr(m, key) is not None:
+            options[key] = getattr(m, key)
+    # Left unset, an smp checkpoint's flavour decides these (stem s2 tap, TF padding); set, they must agree.
+    if m.padding != "symmetric":
+        options["padding"] = m.padding
+    if head.s2_tap is not None:
+        options["s2_tap"] = head.s2_tap
+    net = build_segmenter(name, m.num_classes, weights=m.weights, decoder_channels=head.decoder_channels,
+                          attention=head.attention, decoder_norm=head.norm, upsampling=head.upsampling,
+                          aux_classes=m.num_classes if head.aux_head else None, aux_dropout=head.aux_dropout,
+                          flavour=head.flavour, backbone_weights=m.backbone_weights, drop_path=m.drop_path,
+                          output_stride=head.output_stride, **options)
+    terms = {term: getattr(loss, term) for term in ("cross_entropy", "dice", "lovasz", "focal") if getattr(loss, term)}
+    criterion = SegmentationLoss(m.num_classes, losses=terms, ignore_index=cfg.data.ignore_index,
+                                 class_weights=loss.class_weights, ohem_thresh=loss.ohem_thresh if loss.ohem else None,
+                                 ohem_min_kept=loss.ohem_min_kept, aux_weight=loss.aux_weight,
+                                 focal_gamma=loss.focal_gamma)
+    names, categories = dataset_classes(cfg)
+    _, inference = _eval_view(cfg)
+    return SegmentationTask(net, class_names=names, mean=cfg.data.mean, std=cfg.data.std, criterion=criterion,
+                            ignore_index=cfg.data.ignore_index, categories=categories, **inference)
+
+
+def predict(cfg, model: SegmentationTask, paths, out=None, **_options) -> list[dict]:
+    """Per image, at its original resolution: a colour overlay, a trainId PNG and, for Cityscapes, a
+    ``<city_seq_frame>_labelIds.png`` (what cityscapesScripts' evaluator reads), flat in ``out``."""
+    from .segmentation_predict import predict_paths
+
+    colors = label_ids = None
+    if cfg.data.format == "cityscapes":
+        from .data.cityscapes import TRAIN_ID_COLORS, TRAIN_TO_LABEL_ID
+
+        colors, label_ids = TRAIN_ID_COLORS, TRAIN_TO_LABEL_ID
+    names = model.class_names or dataset_classes(cfg)[0]
+    results = predict_paths(model, paths, out, eval_transform(cfg), colors=colors, label_ids=label_ids,
+                            class_names=names)
+    for result in results:
+        top = sorted(result["classes"].items(), key=lambda item: -item[1])[:4]
+        print(f"{result['image']}: " + ", ".join(f"{name} {share:.0%}" for name, share in top))
+    if out:
+        import json
+        from pathlib import Path
+
+        (Path(out) / "predictions.json").write_text(json.dumps(results, indent=1))
+        print(f"wrote {len(results)} predictions to {out}")
+    return results

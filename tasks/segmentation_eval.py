@@ -115,7 +115,7 @@ class SegmentationEvaluator:
             for (name, _), value in zip(self.categories, category_iou.tolist()):
                 if value == value:
                     metrics[f"iou_category/{name}"] = value
-        self._last = {"iou": iou}
+        self._last = {"iou": iou, "truth": confusion.sum(1).double(), "metrics": metrics}
         return metrics
 
     def per_class(self) -> list[tuple[str, float | None]]:
@@ -124,6 +124,35 @@ class SegmentationEvaluator:
         if iou is None:
             raise RuntimeError("per_class() needs compute() first")
         return [(name, value if value == value else None) for name, value in zip(self.class_names, iou.tolist())]
+
+
+    def table(self) -> str:
+        """The per-class IoU table of the last ``compute()``, as aligned text (absent classes: "-")."""
+        rows = self.per_class()
+        truth = self._last["truth"]
+        share = (truth / truth.sum().clamp(min=1)).tolist()
+        width = max(len("mIoU (categories)"), *(len(name) for name, _ in rows))
+        lines = [f"{'class':<{width}}  {'IoU':>7}  {'pixels':>7}", "-" * (width + 18)]
+        lines += [f"{name:<{width}}  {'-' if value is None else f'{value:.4f}':>7}  {share[i]:>6.1%}"
+                  for i, (name, value) in enumerate(rows)]
+        metrics = self._last["metrics"]
+        lines.append(f"{'mIoU':<{width}}  {metrics['mIoU']:>7.4f}  (pixel accuracy {metrics['pixel_acc']:.4f})")
+        if "mIoU_category" in metrics:
+            lines.append(f"{'mIoU (categories)':<{width}}  {metrics['mIoU_category']:>7.4f}")
+        return "\n".join(lines)
+
+    def save(self, directory) -> None:
+        """``per_class_iou.txt`` (the table) and ``per_class_iou.csv`` (class,iou,pixel_share) in ``directory``."""
+        from pathlib import Path
+
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        truth = self._last["truth"]
+        share = (truth / truth.sum().clamp(min=1)).tolist()
+        (folder / "per_class_iou.txt").write_text(self.table() + "\n")
+        csv = ["class,iou,pixel_share"] + [f"{name},{'' if value is None else f'{value:.6f}'},{share[i]:.6f}"
+                                           for i, (name, value) in enumerate(self.per_class())]
+        (folder / "per_class_iou.csv").write_text("\n".join(csv) + "\n")
 
 
 def _iou(confusion: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 check`` and ``effdense data synth``. Adding a format is one row here and one module beside this one.
 
 A row gives the task the format feeds, ``dataset(cfg, split, train)`` (a map-style dataset of
-``(uint8 image (3, H, W), target)`` samples), the ``collate(train)`` function for its batches (None:
+``(uint8 image (3, H, W), target)`` samples), the ``collate(cfg, train)`` function for its batches (None:
 torch's default stacking), ``check(cfg, workers=, progress=)`` (every problem, one line each) and
 ``synth(root, seed=, **options)`` (a small dataset in exactly this layout).
 """
@@ -28,7 +28,7 @@ class DataFormat:
     dataset: Callable  # (cfg, split name, train: bool) -> Dataset
     check: Callable  # (cfg, workers=4, progress=False) -> list[str]
     synth: Callable  # (root, seed=0, **options) -> Path
-    collate: Callable = lambda train: None  # (train: bool) -> collate_fn or None (default stacking)
+    collate: Callable = lambda cfg, train: None  # (cfg, train: bool) -> collate_fn or None (default stacking)
 
 
 # -- imagefolder (classification) -------------------------------------------------------------------
@@ -66,6 +66,69 @@ def _imagefolder_synth(root: str | Path, seed: int = 0, classes: int = 4, **opti
     return write_classification(root, num_classes=classes, seed=seed, **options)
 
 
+# -- cityscapes and mask folders (segmentation) ------------------------------------------------------
+
+
+def _segmentation_transform(cfg: Config, train: bool):
+    from tasks.segmentation import eval_transform
+
+    from .seg_transforms import segmentation_train_transform
+
+    if not train:
+        return eval_transform(cfg)
+    augment = cfg.data.augment
+    return segmentation_train_transform(resolve_image_size(cfg), (augment.scale_min, augment.scale_max),
+                                        hflip=augment.hflip, photometric=augment.photometric,
+                                        ignore_index=cfg.data.ignore_index)
+
+
+def _cityscapes_dataset(cfg: Config, split: str, train: bool):
+    from .cityscapes import CityscapesDataset, NUM_CLASSES
+
+    if cfg.model.num_classes != NUM_CLASSES:
+        raise DataError(f"model.num_classes={cfg.model.num_classes} but Cityscapes has {NUM_CLASSES} train ids; "
+                        f"set model.num_classes={NUM_CLASSES}")
+    return CityscapesDataset(cfg.data.root, split, _segmentation_transform(cfg, train), cfg.data.on_bad_sample)
+
+
+def _maskfolder_dataset(cfg: Config, split: str, train: bool):
+    from .maskfolder import MaskFolderDataset
+
+    return MaskFolderDataset(cfg.data.root, split, cfg.model.num_classes, _segmentation_transform(cfg, train),
+                             cfg.data.on_bad_sample, cfg.data.ignore_index, cfg.data.class_names)
+
+
+def _check_cityscapes(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
+    from .cityscapes import check_cityscapes
+
+    return check_cityscapes(cfg.data.root, (cfg.data.train_split, cfg.data.val_split), workers, progress)
+
+
+def _check_maskfolder(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
+    from .maskfolder import check_maskfolder
+
+    return check_maskfolder(cfg.data.root, cfg.model.num_classes, cfg.data.ignore_index,
+                            (cfg.data.train_split, cfg.data.val_split), workers, progress)
+
+
+def _synth_cityscapes(root: str | Path, seed: int = 0, **options) -> Path:
+    from .synthetic_segmentation import write_cityscapes
+
+    return write_cityscapes(root, seed=seed, **options)
+
+
+def _synth_maskfolder(root: str | Path, seed: int = 0, **options) -> Path:
+    from .synthetic_segmentation import write_maskfolder
+
+    return write_maskfolder(root, seed=seed, **options)
+
+
+def _segmentation_collate_for(cfg: Config, train: bool):
+    from .seg_common import segmentation_collate
+
+    return segmentation_collate(train, cfg.data.ignore_index)
+
+
 FORMATS: dict[str, DataFormat] = {}
 
 
@@ -77,6 +140,14 @@ def _add(row: DataFormat) -> None:
 
 _add(DataFormat(name="imagefolder", task="classification", layout="<root>/<split>/<class>/*.jpg",
                 dataset=_imagefolder_dataset, check=_imagefolder_check, synth=_imagefolder_synth))
+_add(DataFormat(name="cityscapes", task="segmentation",
+                layout="leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/<split>/<city>/*_gtFine_labelIds.png",
+                dataset=_cityscapes_dataset, check=_check_cityscapes, synth=_synth_cityscapes,
+                collate=_segmentation_collate_for))
+_add(DataFormat(name="maskfolder", task="segmentation",
+                layout="images/<split>/*.jpg|png + masks/<split>/*.png (same stem, index masks)",
+                dataset=_maskfolder_dataset, check=_check_maskfolder, synth=_synth_maskfolder,
+                collate=_segmentation_collate_for))
 
 
 def formats_for(task: str) -> list[str]:

@@ -76,7 +76,7 @@ def build_loaders(cfg: Config, splits: Sequence[str] = SPLITS) -> dict[str, Data
     for split in splits:
         train = split == "train"
         dataset = row.dataset(cfg, cfg.data.train_split if train else cfg.data.val_split, train)
-        loaders[split] = _make_loader(dataset, cfg, train, row.collate(train))
+        loaders[split] = _make_loader(dataset, cfg, train, row.collate(cfg, train))
     return loaders
 
 

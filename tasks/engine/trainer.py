@@ -138,6 +138,7 @@ class Trainer:
         self._pending_rng: dict | None = None
         self._epoch_rng: dict | None = None
         self._evaluator_info: tuple[str, bool] | None = None
+        self.last_evaluator = None
         if self.is_main:
             log.info("training on %s x%d: global batch %d, lr %.4g, %d steps/epoch", self.device,
                      self.dist.world_size, self.global_batch, scaled_lr(cfg, self.dist.world_size),
@@ -194,6 +195,7 @@ class Trainer:
         metrics, evaluator = run_evaluation(model, loader, self.device, self.train_cfg.amp, self.channels_last,
                                             progress=self._bars)
         self._evaluator_info = (evaluator.primary_metric, bool(evaluator.higher_is_better))
+        self.last_evaluator = evaluator  # its save(dir)/table() give the per-class files of dense tasks
         return metrics
 
     def resume(self, path: str | Path) -> None:
@@ -380,6 +382,8 @@ class Trainer:
         self.history.append(record)
         if self._runlog is not None:
             self._runlog.log_eval(record)
+            if metrics and hasattr(self.last_evaluator, "save"):
+                self.last_evaluator.save(self.run_dir)  # per-class tables, detections.json, ...
         if self.is_main and metrics:
             message = f"epoch {self.epoch} step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             if self._bars:
