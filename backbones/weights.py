@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import WeightsError
 from .files import write_safetensors
 
 __all__ = ["LoadReport", "read_state_dict", "detect_format", "load_weights", "load_state", "save_safetensors", "convert",
@@ -56,14 +57,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped from common containers and DDP prefixes."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file; expected a .pth/.pt/.bin/.safetensors "
+        raise WeightsError(f"{path}: no such checkpoint file; expected a .pth/.pt/.bin/.safetensors "
                                 f"state dict (or weights='imagenet')")
     if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory; expected a checkpoint file (.pth/.pt/.bin/.safetensors)")
+        raise WeightsError(f"{path}: is a directory; expected a checkpoint file (.pth/.pt/.bin/.safetensors)")
     try:
         safetensors = _is_safetensors(path)
     except OSError as exc:
-        raise OSError(f"{path}: cannot open the checkpoint ({exc.strerror}); expected a readable file") from None
+        raise WeightsError(f"{path}: cannot open the checkpoint ({exc.strerror}); expected a readable file") from None
     obj = _read_safetensors(path) if safetensors else _read_torch(path)
     return _strip_wrappers(_unwrap(obj, path))
 
@@ -91,20 +92,39 @@ def _read_torch(path: str):
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc))  # weights_only met a class or function
         if not refused:
             raise _unreadable(path, exc) from None
-        raise ValueError(f"{path}: refused to unpickle {refused.group(1)} (loading is weights_only=True); "
+        raise WeightsError(f"{path}: refused to unpickle {refused.group(1)} (loading is weights_only=True); "
                          f"expected a plain state dict of tensors, re-save it with torch.save(model.state_dict())"
                          ) from None
 
 
-def _unreadable(path: str, exc: BaseException) -> ValueError:
+def _unreadable(path: str, exc: BaseException) -> WeightsError:
     text = str(exc).split("WeightsUnpickler error:", 1)[-1]  # skip torch's weights_only preamble
     text = next((line.strip() for line in text.splitlines() if line.strip()), "")
     text = text if len(text) <= 120 else text[:117] + "..."
-    return ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {text}); "
+    return WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {text}); "
                       f"the file is truncated or corrupt, re-download or re-save it")
 
 
+EFFDENSE_CHECKPOINT = "effdense-checkpoint-v1"  # tasks.engine.checkpoint.FORMAT
+
+
+def checkpoint_network_state(state: dict) -> dict[str, torch.Tensor]:
+    """The network's weights from an effdense training checkpoint (``last.pt``/``best.pt``).
+
+    The one rule every loader follows: the EMA weights when the run kept an EMA, else the trained ones;
+    keys are the network's (``net.`` of the task module stripped), as in ``model.safetensors``.
+    """
+    if state.get("ema") is not None:
+        weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    else:
+        weights = state["model"]
+    prefix = state.get("net_prefix", "")
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and obj.get("format") == EFFDENSE_CHECKPOINT:
+        return checkpoint_network_state(obj)
     for _ in range(4):  # containers may nest, e.g. {"model": {"state_dict": ...}}
         if not isinstance(obj, dict) or all(torch.is_tensor(v) for v in obj.values()):
             break
@@ -114,10 +134,10 @@ def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
             break
         obj = obj[names[0]]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict; expected a dict of tensors")
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict; expected a dict of tensors")
     state = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
     if not state:
-        raise ValueError(f"{path}: holds no tensors (top-level keys: {_preview(list(obj))}); expected a state "
+        raise WeightsError(f"{path}: holds no tensors (top-level keys: {_preview(list(obj))}); expected a state "
                          f"dict, or one under 'state_dict'/'model'")
     return state
 
@@ -162,7 +182,7 @@ def detect_format(state: dict[str, torch.Tensor], path: str = "checkpoint") -> S
                 root = prefix[: -len("backbone.")] if prefix.endswith("backbone.") else None
                 detector = root is not None and any(k.startswith(root + p) for k in state for p in _DETECTOR_PARTS)
                 return Source("effdet" if layout == "timm" and detector else layout, layout, prefix, root)
-    raise ValueError(f"{path}: unrecognised checkpoint layout (first keys: {_preview(state)}); expected a "
+    raise WeightsError(f"{path}: unrecognised checkpoint layout (first keys: {_preview(state)}); expected a "
                      f"state dict from {_FORMATS_HELP}")
 
 
@@ -299,7 +319,7 @@ def _load_state(model: nn.Module, state: dict, src: Source, label: str) -> LoadR
     new, used, missing, shapes = _match(model, state, _source_names(model, src), report)
     unexpected = _leftovers(state, used, src, _backbone_of(model), report)
     if missing or unexpected or shapes:
-        raise ValueError(_mismatch_message(label, src, _backbone_of(model), missing, unexpected, shapes))
+        raise WeightsError(_mismatch_message(label, src, _backbone_of(model), missing, unexpected, shapes))
     model.load_state_dict(new, strict=True)
     report.loaded = len(used)
     if report.reinitialized:
@@ -392,7 +412,7 @@ def _mismatch_message(label, src, backbone, missing, unexpected, shapes) -> str:
 def imagenet_url(arch: str) -> str:
     """URL of torchvision's published ImageNet weights (its DEFAULT entry) for ``arch``."""
     if arch not in _TORCHVISION_ENUMS:
-        raise ValueError(f"weights='imagenet': no ImageNet weights for {arch!r}; archs with ImageNet weights: "
+        raise WeightsError(f"weights='imagenet': no ImageNet weights for {arch!r}; archs with ImageNet weights: "
                          f"{', '.join(IMAGENET_ARCHS)} (or pass a checkpoint path)")
     import torchvision.models
 
@@ -466,6 +486,6 @@ def _head_tensors(state: dict, src: Source, backbone: nn.Module, label: str) -> 
     if conv is None:
         return {}
     if conv.dim() != 4 or conv.shape[1] != backbone.num_features:
-        raise ValueError(f"{label}: classifier head conv has shape {list(conv.shape)}; expected "
+        raise WeightsError(f"{label}: classifier head conv has shape {list(conv.shape)}; expected "
                          f"[C, {backbone.num_features}, 1, 1] for {backbone.name}")
     return head

@@ -94,11 +94,16 @@ class EfficientDet(nn.Module):
     ``forward(x)`` returns ``(class_maps, box_maps)``: one tensor per level, P3 first, of shape
     ``(N, num_anchors * num_classes, H_l, W_l)`` and ``(N, num_anchors * 4, H_l, W_l)`` (logits and
     box codes; :mod:`tasks.detection` turns them into losses or detections).
+
+    ``cpu_channels_last``: on the CPU, run in channels-last memory format whatever the input's
+    (oneDNN's NHWC depthwise and pointwise kernels make D0 ~1.4x faster there, train and inference);
+    on other devices the input's format is kept (``train.channels_last`` decides).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, width: int, repeats: int, head_depth: int,
                  levels: Sequence[int] = range(3, 8), fusion: str = "fast", num_anchors: int = 9,
-                 padding: str = "symmetric", act: str = "silu", norm_eps: float = 1e-3, norm_momentum: float = 0.01):
+                 padding: str = "symmetric", act: str = "silu", norm_eps: float = 1e-3, norm_momentum: float = 0.01,
+                 cpu_channels_last: bool = True):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -107,6 +112,7 @@ class EfficientDet(nn.Module):
             raise ValueError(f"EfficientDet needs the backbone's s8, s16 and s32 taps (out_indices=(2, 3, 4)); "
                              f"it has {[spec.name for spec in backbone.feature_info]}")
         self.backbone = backbone
+        self.cpu_channels_last = cpu_channels_last
         self._taps = [spec.name for spec in taps]
         self.levels = tuple(levels)
         self.num_classes, self.num_anchors = num_classes, num_anchors
@@ -128,6 +134,8 @@ class EfficientDet(nn.Module):
         self.backbone.set_grad_checkpointing(enable)
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self.cpu_channels_last and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
         maps = self.fpn([features[name] for name in self._taps])
         return self.class_net(maps), self.box_net(maps)

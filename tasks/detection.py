@@ -51,22 +51,34 @@ class EfficientDetector(EfficientDet):
     def forward_raw(self, images: torch.Tensor):
         """(class_out (N, A, C) logits, box_out (N, A, 4) codes, anchors (A, 4)) over all levels."""
         class_maps, box_maps = super().forward(images)
-        sizes = [m.shape[-2:] for m in class_maps]
-        anchors = self.anchors(images.shape[-2:], sizes, images.device)
+        anchors = self.anchors(images.shape[-2:], [m.shape[-2:] for m in class_maps], images.device)
         batch = images.shape[0]
         class_out = torch.cat([m.permute(0, 2, 3, 1).reshape(batch, -1, self.num_classes) for m in class_maps], 1)
         box_out = torch.cat([m.permute(0, 2, 3, 1).reshape(batch, -1, 4) for m in box_maps], 1)
         return class_out, box_out, anchors
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
-        class_out, box_out, anchors = self.forward_raw(images)
-        if self.training:
-            if targets is None:
-                raise ValueError("EfficientDetector in train mode needs targets: a list of {'boxes', 'labels'} "
-                                 "dicts, one per image (call model.eval() for detections)")
-            class_targets, box_targets, positives = self.targets(targets, anchors)
-            return detection_loss(class_out, box_out, class_targets, box_targets, positives, **self.loss_options)
-        return postprocess(class_out, box_out, anchors, tuple(images.shape[-2:]), self.post)
+        if not self.training:
+            class_out, box_out, anchors = self.forward_raw(images)
+            return postprocess(class_out, box_out, anchors, tuple(images.shape[-2:]), self.post)
+        if targets is None:
+            raise ValueError("EfficientDetector in train mode needs targets: a list of {'boxes', 'labels'} dicts, "
+                             "one per image (call model.eval() for detections)")
+        class_maps, box_maps = super().forward(images)
+        sizes = [m.shape[-2:] for m in class_maps]
+        anchors = self.anchors(images.shape[-2:], sizes, images.device)
+        class_targets, box_targets, positives = self.targets(targets, anchors)
+        # Per level, views (N, H, W, anchors, K) of the head outputs in either memory format: no copies.
+        anchors_per_level = [h * w * self.num_anchors for h, w in sizes]
+
+        def outputs(maps, k):
+            return [m.permute(0, 2, 3, 1).unflatten(-1, (self.num_anchors, k)) for m in maps]
+
+        def per_level(flat):
+            parts = flat.split(anchors_per_level, 1)
+            return [part.unflatten(1, (h, w, self.num_anchors)) for part, (h, w) in zip(parts, sizes)]
+        return detection_loss(outputs(class_maps, self.num_classes), outputs(box_maps, 4), per_level(class_targets),
+                              per_level(box_targets), positives, **self.loss_options)
 
     def targets(self, targets: list[dict[str, torch.Tensor]], anchors: torch.Tensor):
         """Padded batch -> ``match_anchors`` targets (class (N, A), box codes (N, A, 4), positives (N,))."""

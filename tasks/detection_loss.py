@@ -1,9 +1,10 @@
 """EfficientDet training loss: sigmoid focal loss + Huber box loss, normalised by the positive anchors.
 
-Both terms are computed in float32 whatever the autocast dtype (bf16/fp16 logits are cast first), on
-all levels at once, without a Python loop over images. The class term avoids materialising one-hot
-targets: every valid anchor pays the negative-class loss on all classes, and each positive anchor's
-true class is corrected by (positive - negative) loss at that one logit (a gather, not a mask).
+Both terms are computed in float32 whatever the autocast dtype (bf16/fp16 logits are cast first), per
+pyramid level on views of the head outputs (no copy into one flat tensor) and without a Python loop
+over images. The class term avoids materialising one-hot targets: every valid anchor pays the
+negative-class loss on all classes, and each positive anchor's true class is corrected by
+(positive - negative) loss at that one logit (a gather, not a mask).
 
 Normalisation (automl/effdet): ``class_loss = focal_sum / (P + 1)`` and
 ``box_loss = box_loss_weight * huber_sum / (4 * (P + 1))`` with P the positive anchors of the batch.
@@ -14,6 +15,8 @@ single-process normalisation of the global batch (with +1 per rank instead of +1
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,13 +68,14 @@ def global_positives(num_positives: torch.Tensor) -> torch.Tensor:
     return count
 
 
-def detection_loss(class_out: torch.Tensor, box_out: torch.Tensor, class_targets: torch.Tensor,
-                   box_targets: torch.Tensor, num_positives: torch.Tensor, alpha: float = FOCAL_ALPHA,
-                   gamma: float = FOCAL_GAMMA, delta: float = HUBER_DELTA,
-                   box_loss_weight: float = BOX_LOSS_WEIGHT) -> dict[str, torch.Tensor]:
-    """``{"class_loss", "box_loss"}`` (the box term already weighted) for flattened outputs:
-    ``class_out`` (N, A, C) logits, ``box_out`` (N, A, 4) codes, targets from ``match_anchors``."""
+def detection_loss(class_out: Sequence[torch.Tensor], box_out: Sequence[torch.Tensor],
+                   class_targets: Sequence[torch.Tensor], box_targets: Sequence[torch.Tensor],
+                   num_positives: torch.Tensor, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA,
+                   delta: float = HUBER_DELTA, box_loss_weight: float = BOX_LOSS_WEIGHT) -> dict[str, torch.Tensor]:
+    """``{"class_loss", "box_loss"}`` (the box term already weighted) summed over matching parts (the
+    pyramid levels, or one flat tensor each): logits (..., C) with class targets (...), box codes (..., 4)
+    with box targets (..., 4), as ``match_anchors`` gives them; ``num_positives`` per image."""
     normaliser = global_positives(num_positives) + 1.0
-    class_loss = focal_loss_sum(class_out, class_targets, alpha, gamma) / normaliser
-    box_loss = box_loss_sum(box_out, box_targets, class_targets >= 0, delta) / (4.0 * normaliser)
-    return {"class_loss": class_loss, "box_loss": box_loss_weight * box_loss}
+    focal = sum(focal_loss_sum(x, t, alpha, gamma) for x, t in zip(class_out, class_targets))
+    huber = sum(box_loss_sum(x, t, c >= 0, delta) for x, t, c in zip(box_out, box_targets, class_targets))
+    return {"class_loss": focal / normaliser, "box_loss": box_loss_weight * huber / (4.0 * normaliser)}

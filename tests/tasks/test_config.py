@@ -101,7 +101,7 @@ def test_sections_of_another_task_are_refused_naming_their_task():
     message = load_error(IMAGENET, "model.segmentation.head=unet")
     assert "config key 'model.segmentation' is unknown for model.task=classification (it is a segmentation key)" in message
     assert "valid keys in 'model':" in message and "dropout" in message
-    message = load_error(IMAGENET, "loss.focal_gamma=2")
+    message = load_error(IMAGENET, "loss.huber_delta=0.2")
     assert "it is a detection key" in message and "label_smoothing" in message
 
 

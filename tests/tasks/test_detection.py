@@ -135,7 +135,7 @@ def test_loss_equals_effdet_detection_loss():
     class_maps = [torch.randn(batch, 9 * classes, h, w, generator=generator) for h, w in sizes]
     box_maps = [torch.randn(batch, 36, h, w, generator=generator) * 0.1 for h, w in sizes]
     flat = lambda maps, k: torch.cat([m.permute(0, 2, 3, 1).reshape(batch, -1, k) for m in maps], 1)  # noqa: E731
-    ours = detection_loss(flat(class_maps, classes), flat(box_maps, 4), class_targets, box_targets, positives)
+    ours = detection_loss([flat(class_maps, classes)], [flat(box_maps, 4)], [class_targets], [box_targets], positives)
     split = [h * w * 9 for h, w in sizes]
     per_level_class = [t.reshape(batch, h, w, 9) for t, (h, w) in zip(class_targets.split(split, 1), sizes)]
     per_level_box = [t.reshape(batch, h, w, 36) for t, (h, w) in zip(box_targets.split(split, 1), sizes)]

@@ -34,8 +34,8 @@ def _worker(rank, world, store, root, out):
         positives = torch.tensor([3.0, 1.0]) if rank == 0 else torch.tensor([6.0])
         count = global_positives(positives)
         logits = torch.zeros(1, 4, 2, requires_grad=True)
-        losses = detection_loss(logits, torch.zeros(1, 4, 4), torch.tensor([[0, -1, -1, -1]]),
-                                torch.zeros(1, 4, 4), positives)
+        losses = detection_loss([logits], [torch.zeros(1, 4, 4)], [torch.tensor([[0, -1, -1, -1]])],
+                                [torch.zeros(1, 4, 4)], positives)
         dataset = CocoDetection(root, "val", DetectionEvalTransform(128))
         shard = [0, 1, 2, 3, 4] if rank == 0 else [5, 6, 7]  # uneven shards
         evaluator = CocoEvaluator(dataset.annotation_file, output_dir=out if rank == 0 else None)
@@ -59,8 +59,8 @@ def ddp_results(tmp_path_factory):
 def test_positive_count_is_global(ddp_results):
     _, _, (rank0, rank1) = ddp_results
     assert rank0["count"].item() == rank1["count"].item() == pytest.approx(5.0)  # (4 + 6) / 2 ranks
-    one_process = detection_loss(torch.zeros(1, 4, 2), torch.zeros(1, 4, 4), torch.tensor([[0, -1, -1, -1]]),
-                                 torch.zeros(1, 4, 4), torch.tensor([5.0]))
+    one_process = detection_loss([torch.zeros(1, 4, 2)], [torch.zeros(1, 4, 4)], [torch.tensor([[0, -1, -1, -1]])],
+                                 [torch.zeros(1, 4, 4)], torch.tensor([5.0]))
     torch.testing.assert_close(rank0["class_loss"], one_process["class_loss"])
 
 
