@@ -22,6 +22,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tools/bench_backbones.py
 	$(BIN)/python tools/bench_train.py
+	$(BIN)/python tools/bench_segmentation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
