@@ -24,16 +24,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def run_on_two_ranks(helper: str, out: Path) -> list[dict]:
+    """torchrun ``helper OUT`` on 2 gloo processes; each writes OUT/rank<R>.pt."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(REPO / "tests" / "tasks" / helper), str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), str(REPO / "tests/tasks/ddp_helper.py"), str(out)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    return out, ranks
+    return out, run_on_two_ranks("ddp_helper.py", out)
 
 
 def test_ranks_agree_and_equal_one_process_on_the_global_batch(ddp_run):
@@ -83,13 +87,7 @@ def test_signal_on_one_rank_stops_all_and_resume_is_bitwise_exact(ddp_run):
 
 @pytest.fixture(scope="module")
 def ddp_eval(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_eval")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), str(REPO / "tests/tasks/ddp_eval_helper.py"), str(out)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return run_on_two_ranks("ddp_eval_helper.py", tmp_path_factory.mktemp("ddp_eval"))
 
 
 def test_evaluation_with_uneven_and_empty_shards_counts_every_image_once(ddp_eval):
