@@ -1,0 +1,113 @@
+"""How a :class:`tasks.budget.BudgetResult` is shown: the printed table, ``budget.json`` and ``budget.png``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+LIMIT_LABELS = {"latency_ms": "latency", "memory_gb": "memory", "min_throughput": "throughput"}
+
+
+def _number(value, digits: int = 1, width: int = 9) -> str:
+    return f"{'n/a' if value is None else f'{value:.{digits}f}':>{width}}"
+
+
+def _accuracy_label(task: str) -> str:
+    return {"classification": "top-1", "segmentation": "bb top-1", "detection": "COCO AP"}.get(task, "acc")
+
+
+def format_table(result) -> str:
+    """One line per scale; ``*`` marks the chosen one; the notes say what stops the next scale."""
+    rows = result.rows
+    eval_batch = next((r.measurement.extra.get("eval_batch") for r in rows if r.measurement.extra), "?")
+    train_batch = next((r.measurement.extra.get("train_batch") for r in rows if r.measurement.extra), "?")
+    header = (f"  {'scale':<20}{'input':>10}{'params(M)':>10}{'GMACs':>9}{'ms@b1':>9}{f'img/s@b{eval_batch}':>12}"
+              f"{f'step ms@b{train_batch}':>14}{'peak GB':>9}{_accuracy_label(result.task):>10}  status")
+    lines = [header, "-" * len(header)]
+    for index, row in enumerate(rows):
+        m = row.measurement
+        mark = "*" if index == result.chosen else " "
+        if m.status == "ok":
+            status = "fits" if row.fits else "over: " + ", ".join(LIMIT_LABELS[k] for k in row.violations)
+        else:
+            status = m.status + (f" ({m.note})" if m.note else "")
+        size = f"{row.image_size[0]}x{row.image_size[1]}"
+        lines.append(f"{mark} {row.scale.label:<20}{size:>10}{_number(m.params_m, 2, 10)}{_number(m.gmacs, 2)}"
+                     f"{_number(m.latency_ms)}{_number(m.throughput, 1, 12)}{_number(m.train_step_ms, 1, 14)}"
+                     f"{_number(m.peak_memory_gb, 2)}{_number(row.accuracy, 1, 10)}  {status}")
+    limits = ", ".join(f"{LIMIT_LABELS[k]} {v:g}" for k, v in result.limits.given().items()) or "none"
+    lines.append(f"device {result.device}; limits: {limits}")
+    if result.chosen is not None:
+        chosen = rows[result.chosen]
+        override = " ".join(f"--set {arg}" for arg in chosen.set_args)
+        lines.append(f"chosen: {chosen.scale.label} ({override}); stopped by: {result.stopped_by}")
+    if result.device != "cuda":
+        lines.append("peak GB: measured on CUDA only (n/a on CPU)")
+    return "\n".join(lines)
+
+
+def to_json(result) -> dict:
+    """Everything in the table, as plain JSON values (``budget.json``)."""
+    rows = []
+    for index, row in enumerate(result.rows):
+        rows.append({"scale": row.scale.label, "set": row.set_args, "image_size": list(row.image_size),
+                     **{k: v for k, v in asdict(row.measurement).items()}, "accuracy": row.accuracy,
+                     "fits": row.fits, "chosen": index == result.chosen,
+                     "violations": {k: {"value": v, "limit": lim, "times_over": over}
+                                    for k, (v, lim, over) in row.violations.items()}})
+    chosen = result.rows[result.chosen] if result.chosen is not None else None
+    return {"task": result.task, "device": result.device,
+            "device_name": torch.cuda.get_device_name() if result.device == "cuda" and torch.cuda.is_available()
+            else "cpu", "torch": torch.__version__, "limits": result.limits.given(), "settings": result.settings,
+            "accuracy_metric": _accuracy_label(result.task),
+            "chosen": None if chosen is None else {"scale": chosen.scale.label, "set": chosen.set_args},
+            "stopped_by": result.stopped_by, "rows": rows}
+
+
+def plot(result, path: str | Path) -> Path:
+    """Latency at batch 1 and peak training memory (training step time on CPU) per scale, the limits as
+    dashed lines, the chosen scale highlighted and the published accuracy written beside each point."""
+    from matplotlib.figure import Figure  # Agg through a bare Figure, as tasks.engine.runlog does
+
+    rows = result.rows
+    labels = [row.scale.label for row in rows]
+    positions = list(range(len(rows)))
+    memory_on = result.device == "cuda"
+    panels = [("latency_ms", "latency at batch 1 (ms)", result.limits.latency_ms),
+              ("peak_memory_gb" if memory_on else "train_step_ms",
+               "peak training memory (GB)" if memory_on else "training step (ms)",
+               result.limits.memory_gb if memory_on else None)]
+    figure = Figure(figsize=(5.5 * len(panels), 4))
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.18, top=0.88, wspace=0.25)
+    for column, (key, title, limit) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), column + 1)
+        points = [(x, getattr(row.measurement, key)) for x, row in zip(positions, rows)
+                  if getattr(row.measurement, key) is not None]
+        if points:
+            axes.plot(*zip(*points), "o-", color="tab:blue")
+        for x, row in zip(positions, rows):
+            value = getattr(row.measurement, key)
+            if value is None:
+                continue
+            if x == result.chosen:
+                axes.plot([x], [value], "o", color="tab:green", markersize=11, zorder=3)
+            if row.accuracy is not None:
+                axes.annotate(f"{_accuracy_label(result.task)} {row.accuracy:.1f}", (x, value), textcoords="offset points", xytext=(6, -10),
+                              fontsize=8, color="dimgray")
+        if limit is not None:
+            axes.axhline(limit, linestyle="--", color="tab:red", label=f"limit {limit:g}")
+            axes.legend(loc="upper left")
+        axes.set_xticks(positions, labels, rotation=30 if len(rows) > 6 else 0)
+        axes.set_xlim(-0.5, len(rows) - 0.3)
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        if points and max(v for _, v in points) / max(min(v for _, v in points), 1e-9) > 30:
+            axes.set_yscale("log")
+    chosen = rows[result.chosen].scale.label if result.chosen is not None else "none"
+    figure.suptitle(f"{result.task} on {result.device}: chosen {chosen}; grey numbers: published "
+                    f"{_accuracy_label(result.task)}", fontsize=10)
+    path = Path(path)
+    figure.savefig(path, dpi=90)
+    return path
