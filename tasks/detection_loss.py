@@ -36,12 +36,12 @@ def focal_loss_sum(logits: torch.Tensor, class_targets: torch.Tensor, alpha: flo
     nothing. Computed in float32 with log-sigmoids, so large logits neither overflow nor lose the tail.
     """
     logits = logits.float()
-    valid = (class_targets != IGNORE).unsqueeze(-1)
     positive = class_targets >= 0
     log_p = F.logsigmoid(logits)  # log sigmoid(x)
-    # Negative term: (1 - alpha) * p^gamma * -log(1 - p), with -log(1 - p) = x - log_p.
-    negative = (1.0 - alpha) * torch.exp(gamma * log_p) * (logits - log_p)
-    total = negative.masked_fill(~valid, 0.0).sum()
+    # Negative term p^gamma * -log(1 - p), with -log(1 - p) = x - log_p, summed per anchor over the
+    # classes (one pass over the logits; (1 - alpha) and the ignore mask apply to the per-anchor sums).
+    per_anchor = (torch.exp(gamma * log_p) * (logits - log_p)).sum(-1)
+    total = (1.0 - alpha) * (per_anchor * (class_targets != IGNORE)).sum()
     # Positive anchors: replace the negative term at their class by alpha * (1 - p)^gamma * -log(p).
     x = logits.gather(-1, class_targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     log_p_true = F.logsigmoid(x)

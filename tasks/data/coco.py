@@ -271,10 +271,12 @@ class CocoDetection(Dataset):
 
 
 def check_coco(root: str | Path | None = None, split: str = "train", *, annotation_file: str | Path | None = None,
-               image_dir: str | Path | None = None, decode: bool = True, workers: int = 4) -> list[str]:
+               image_dir: str | Path | None = None, decode: bool = True, workers: int = 4,
+               progress: bool = False) -> list[str]:
     """Every problem in one COCO split, one line each ([] when clean): the json (not json, missing keys),
     each bad annotation (outside the image, negative size, unknown category or image id), boxes given as
-    [x1, y1, x2, y2] when that is obvious, images listed but missing, unreadable or of another size."""
+    [x1, y1, x2, y2] when that is obvious, images listed but missing, unreadable or of another size
+    (``decode=False`` only checks that they exist; ``workers`` threads decode, ``progress`` shows a bar)."""
     if annotation_file is None or image_dir is None:
         default_ann, default_dir = coco_paths(root, split)
         annotation_file, image_dir = annotation_file or default_ann, image_dir or default_dir
@@ -302,11 +304,12 @@ def check_coco(root: str | Path | None = None, split: str = "train", *, annotati
     if not image_dir.is_dir():
         return problems + [f"{image_dir}: image folder not found (for {annotation_file}); expected COCO layout "
                            f"{LAYOUT}"]
-    problems += _image_problems(annotation_file, image_dir, data["images"], decode, workers)
+    problems += _image_problems(annotation_file, image_dir, data["images"], decode, workers, progress)
     return problems
 
 
-def _image_problems(annotation_file: Path, image_dir: Path, records: list, decode: bool, workers: int) -> list[str]:
+def _image_problems(annotation_file: Path, image_dir: Path, records: list, decode: bool, workers: int,
+                    progress: bool) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
 
     def problem(record: dict) -> str | None:
@@ -326,4 +329,9 @@ def _image_problems(annotation_file: Path, image_dir: Path, records: list, decod
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return [p for p in pool.map(problem, records) if p is not None]
+        results = pool.map(problem, records)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(records), desc=f"checking {image_dir.name}", unit="img")
+        return [p for p in results if p is not None]
