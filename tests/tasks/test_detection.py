@@ -230,3 +230,14 @@ def test_detect_and_predict_paths_map_back_to_the_original_image(tmp_path, capsy
     rows = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert len(rows) == 5 and {r["category_id"] for r in rows} <= {4, 9} and len(results) == 1
     assert (tmp_path / "out" / "photo.png").stat().st_size > 0
+
+
+def test_bf16_autocast_train_step():
+    task = DetectionTask(build_detector("efficientdet-d0", 3)).train()
+    images = torch.randint(0, 255, (2, 3, 128, 128), dtype=torch.uint8)
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])}] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = task(images, targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert torch.isfinite(task.net.class_net.predict.pw.weight.grad).all()
