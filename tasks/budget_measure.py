@@ -31,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -146,6 +147,14 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _median_time(model, images, device: torch.device, runs: int, warmup: int) -> float:
+    """Median seconds of ``model(images)`` over ``runs`` synchronised calls, after ``warmup`` calls
+    (kernels, cuDNN autotuning, the allocator)."""
+    for _ in range(warmup):
+        model(images)
+    return statistics.median(_timed(partial(model, images), device) for _ in range(runs))
+
+
 def _no_weights(cfg):
     import copy
 
@@ -215,15 +224,10 @@ def measure_scale(cfg, *, device: torch.device | str | None = None, runs: int | 
         stage = "inference at batch 1"
         with torch.inference_mode(), autocast(device, cfg.train.amp):
             one = images_to_device(example_batch(cfg, 1)[0], device, cfg.train.channels_last)
-            for _ in range(2):
-                model(one)  # warm-up: kernels, cuDNN autotuning, allocator
-            result.latency_ms = 1e3 * statistics.median(_timed(lambda: model(one), device) for _ in range(runs))
+            result.latency_ms = 1e3 * _median_time(model, one, device, runs, warmup=2)
             stage = f"inference at batch {eval_batch}"
             batch = images_to_device(example_batch(cfg, eval_batch)[0], device, cfg.train.channels_last)
-            model(batch)
-            result.throughput = eval_batch / statistics.median(_timed(lambda: model(batch), device)
-                                                               for _ in range(few))
-            del one, batch
+            result.throughput = eval_batch / _median_time(model, batch, device, few, warmup=1)
         if train:
             stage = f"training at batch {cfg.data.batch_size}"
             _measure_training(model, cfg, device, few, result)
@@ -246,8 +250,8 @@ def _measure_training(model, cfg, device, steps: int, result: Measurement) -> No
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _train_step(model, optimizer, images, targets, cfg, device, scaler)  # warm-up (optimizer state too)
-    times = [_timed(lambda: _train_step(model, optimizer, images, targets, cfg, device, scaler), device)
-             for _ in range(steps)]
+    step = partial(_train_step, model, optimizer, images, targets, cfg, device, scaler)
+    times = [_timed(step, device) for _ in range(steps)]
     result.train_step_ms = 1e3 * statistics.median(times)
     if device.type == "cuda":
         result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 2**30

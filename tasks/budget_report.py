@@ -94,8 +94,8 @@ def plot(result, path: str | Path) -> Path:
             if x == result.chosen:
                 axes.plot([x], [value], "o", color="tab:green", markersize=11, zorder=3)
             if row.accuracy is not None:
-                axes.annotate(f"{_accuracy_label(result.task)} {row.accuracy:.1f}", (x, value), textcoords="offset points", xytext=(6, -10),
-                              fontsize=8, color="dimgray")
+                axes.annotate(f"{_accuracy_label(result.task)} {row.accuracy:.1f}", (x, value),
+                              textcoords="offset points", xytext=(6, -10), fontsize=8, color="dimgray")
         if limit is not None:
             axes.axhline(limit, linestyle="--", color="tab:red", label=f"limit {limit:g}")
             axes.legend(loc="upper left")

@@ -17,6 +17,17 @@ DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo" / "classificatio
 ALL_B = [f"efficientnet-b{i}" for i in range(8)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP's spinning barrier across 2 threads made
+    these runs up to 20x slower whenever another process held a core (measured); results are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 @pytest.fixture
 def cfg():
     return load(DEMO, ["data.batch_size=8", "data.eval_batch_size=4", "train.device=cpu"])
@@ -120,7 +131,7 @@ def test_scale_names_and_default_ranges():
 
 
 @pytest.mark.skipif(not hasattr(__import__("heads"), "efficientdet_preset"),
-                    reason="heads does not export efficientdet_preset yet (the detection config's native size needs it)")
+                    reason="heads does not export efficientdet_preset yet (the detection native size needs it)")
 def test_detection_scales_use_the_native_input_size():
     cfg = DetectionConfig()
     cfg.train.device = "cpu"
