@@ -370,3 +370,46 @@ def search_phi(cfg, limits: Limits, low: float = 0.0, high: float | None = None,
     search = PhiSearch(phi, " ".join(f"--set {arg}" for arg in rows[lo].set_args), result)
     result.search = search
     return search
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def run_command(cfg, *, latency_ms: float | None = None, memory_gb: float | None = None,
+                min_throughput: float | None = None, scales: Sequence[str] = (), phis: Sequence[float] = (),
+                search: str | None = None, fit_batch: bool = False, out_dir: str | Path = "runs/budget",
+                runs: int | None = None, device: torch.device | str | None = None, progress: bool = True,
+                echo: Callable[[str], None] = print) -> BudgetResult:
+    """Everything ``effdense budget CONFIG ...`` does, for the CLI to call with its parsed arguments:
+    measure (``scales`` names / ``phis``, or the device's default range; ``search="phi"`` bisects
+    instead), print the table, write ``budget.json`` and ``budget.png`` into ``out_dir`` (also when no
+    scale fits), then with ``fit_batch`` print the auto batch size of the chosen scale. Raises
+    :class:`BudgetError` (one line) when no scale fits, after writing the files."""
+    from .budget_measure import find_batch_size
+
+    limits = Limits(latency_ms, memory_gb, min_throughput)
+    if search not in (None, "phi"):
+        raise BudgetError(f"--search {search!r}: the only search is 'phi'")
+    try:
+        if search == "phi":
+            found = search_phi(cfg, limits, measure=None, device=device, runs=runs, progress=progress)
+            result = found.result
+        else:
+            chosen_scales = scales_from(cfg.model.task, scales, phis) if (scales or phis) else None
+            result = run_budget(cfg, limits, chosen_scales, device=device, runs=runs, progress=progress)
+    except BudgetError as error:
+        if error.result is not None:
+            echo(error.result.table())
+            json_path, png_path = error.result.write(out_dir)
+            echo(f"wrote {json_path} and {png_path}")
+        raise
+    echo(result.table())
+    if search == "phi":
+        echo(f"largest phi meeting the limits: {found.phi:g}; reproduce it with {found.override}")
+    json_path, png_path = result.write(out_dir)
+    echo(f"wrote {json_path} and {png_path}")
+    if fit_batch:
+        chosen = result.rows[result.chosen]
+        scaled = config_for(cfg, chosen.scale, result.settings.get("image_size"))
+        echo(f"{chosen.scale.label}: {find_batch_size(scaled, device=device).message}")
+    return result

@@ -16,6 +16,11 @@ config's ``train.amp`` and ``train.channels_last``, on uint8 batches as the load
   network at batch 1 and the measured input size: ``FlopCounterMode`` on the meta device, so they
   are known even for scales that are not measured or do not fit in memory.
 
+Random weights: ``model.weights``/``model.backbone_weights`` are dropped (timing needs none, and a file
+fits one scale only); ``train.compile`` is not applied (compilation time would dominate a few calls).
+On a shared CPU, set the intra-op threads (``torch.set_num_threads``) before measuring: OpenMP's
+spinning barrier made 2-thread timings 20x slower here whenever another process held a core.
+
 Running out of memory (``torch.cuda.OutOfMemoryError`` or a RuntimeError saying "out of memory") is
 not an error here: the measurement says so (``oom``) and the memory is released.
 

@@ -1,7 +1,9 @@
 """Export a trained network for deployment: ONNX, TorchScript or a ``torch.export`` program (.pt2).
 
 ``export(model, format, out_path, example_input)`` takes a task module (its ``.net`` is exported) or a
-network (``Classifier``, ``Segmenter``, ``EfficientDetector``) and writes one file. Before export the
+network (``Classifier``, ``Segmenter``, ``EfficientDetector``) and writes one file; the network is put
+in eval mode, and what the task module adds in Python (segmentation TTA and sliding windows, the
+evaluators) stays outside the graph. Export on the CPU: ``example_input`` lives on the model's device. Before export the
 network is fused (:func:`backbones.fusion.fuse_for_inference`: BatchNorms folded into the convs) and
 TF "SAME" padding is frozen to constants at the example's size (:func:`freeze_same_padding`), so the
 graph has no shape arithmetic. The input's height and width are fixed to the example's; the batch is

@@ -204,3 +204,20 @@ def test_real_cpu_measurement_lite0_tiny():
     assert measured.latency_ms > 0 and measured.throughput > 0 and measured.train_step_ms > 0
     assert measured.params_m == pytest.approx(3.38, abs=0.01)  # lite0 with 4 classes
     assert measured.extra["image_size"] == [32, 32]
+
+
+def test_run_command_prints_and_writes_even_when_nothing_fits(cfg, tmp_path, monkeypatch):
+    import tasks.budget as budget
+
+    monkeypatch.setattr(budget, "measure_scale", lambda scaled, device=None, runs=None: FakeMeasure(base=41.0)(scaled))
+    monkeypatch.setattr(budget, "count_cost", _fake_cost)
+    lines = []
+    with pytest.raises(BudgetError, match="no scale fits: B0 needs 41.0 ms"):
+        budget.run_command(cfg, latency_ms=5, scales=["efficientnet-b0", "efficientnet-b1"], out_dir=tmp_path,
+                           progress=False, echo=lines.append)
+    assert (tmp_path / "budget.json").is_file() and (tmp_path / "budget.png").is_file()
+    assert "B0" in lines[0] and lines[-1].startswith("wrote")
+    lines.clear()
+    result = budget.run_command(cfg, latency_ms=100, scales=["efficientnet-b0"], fit_batch=True, out_dir=tmp_path,
+                                progress=False, echo=lines.append)
+    assert result.chosen == 0 and "needs CUDA" in lines[-1]
