@@ -9,6 +9,10 @@ see the same images and boxes. Train step: forward, target assignment, loss, bac
 included (effdet: ``DetBenchPredict``). Rounds interleave the two models and alternate which goes
 first; each round gives a ratio effdet time / our time (> 1: ours is faster) and the table prints the
 median of those per-round ratios (robust to a shared machine) and img/s from the median times.
+
+On the CPU our detector runs channels-last internally whatever the input's format (oneDNN's NHWC
+kernels); ``--peer-channels-last`` gives effdet channels-last weights and inputs in the fp32 rows too,
+to separate that from the rest (target assignment, loss, fusion).
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=None, help="steps per timed round (default: 1 CPU, 20 GPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peer-channels-last", action="store_true", help="effdet channels-last in fp32 too")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     iters = args.iters or (20 if device.type == "cuda" else 1)
@@ -134,7 +139,7 @@ def main(argv=None):
     ours, theirs = build_models(args.size, args.classes)
     ours.to(device)
     theirs.to(device)
-    settings = [("fp32", False, False)]
+    settings = [("fp32" + (" (both NHWC)" if args.peer_channels_last else ""), False, args.peer_channels_last)]
     if device.type == "cuda":
         settings.append(("bf16+channels_last", True, True))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
