@@ -1,4 +1,4 @@
-# `make test` and `make demo` create .venv if missing and install effdense into it.
+# `make test` and `make demo` create .venv if missing and install effdense (with the dev and export extras) into it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,export]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -18,11 +18,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/effdense demo classification
 	$(BIN)/effdense demo segmentation
+	$(BIN)/effdense demo detection
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_backbones.py
 	$(BIN)/python tools/bench_train.py
 	$(BIN)/python tools/bench_segmentation.py
+	$(BIN)/python tools/bench_detection.py
+	$(BIN)/python tools/bench_inference.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 from .efficientnet import EfficientNet, FeatureSpec
+from .fusion import FusionError, FusionReport, fuse_for_inference
 from .specs import PRESETS, ArchSpec, Preset, StageSpec, compound_preset
 
-__all__ = ["EfficientNet", "FeatureSpec", "ArchSpec", "Preset", "StageSpec", "create", "get_preset", "list_names"]
+__all__ = ["EfficientNet", "FeatureSpec", "ArchSpec", "Preset", "StageSpec", "create", "get_preset", "list_names",
+           "fuse_for_inference", "FusionError", "FusionReport"]
 
 FREE_NAME = "efficientnet"
 

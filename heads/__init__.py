@@ -1,6 +1,9 @@
-"""Heads for EfficientNet backbones: classification, U-Net segmentation (BiFPN/EfficientDet to follow)."""
+"""Heads for EfficientNet backbones: classification, U-Net segmentation, BiFPN + EfficientDet detection."""
 
+from .bifpn import BiFPN
 from .classification import ClassificationHead
+from .efficientdet import EfficientDet, EfficientDetPreset, efficientdet_preset, list_presets
 from .unet import SCSE, AuxClassificationHead, SegmentationHead, UNetDecoder
 
-__all__ = ["AuxClassificationHead", "ClassificationHead", "SCSE", "SegmentationHead", "UNetDecoder"]
+__all__ = ["AuxClassificationHead", "BiFPN", "ClassificationHead", "EfficientDet", "EfficientDetPreset", "SCSE",
+           "SegmentationHead", "UNetDecoder", "efficientdet_preset", "list_presets"]

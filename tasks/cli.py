@@ -72,10 +72,14 @@ def load_task_weights(task_model, path: str) -> dict:
 
     from .engine.checkpoint import weights_meta
 
-    load_weights(task_model.net, path)
+    if hasattr(task_model, "load_weights"):  # the task's own rules (smp U-Nets, effdet detectors)
+        task_model.load_weights(path)
+    else:
+        load_weights(task_model.net, path)
     meta = weights_meta(path)
-    if meta.get("class_names") is not None:
-        task_model.class_names = meta["class_names"]
+    for key, value in meta.items():  # class_names, and what the task stored (detection's cat_ids)
+        if key != "task" and hasattr(task_model, key):
+            setattr(task_model, key, value)
     return meta
 
 
@@ -100,6 +104,10 @@ def cmd_eval(args) -> int:
         loaders = build_loaders(cfg, splits=("val",))
         model = registry.build_model(cfg)
         _check_weights_task(cfg, load_task_weights(model, args.weights), args.weights)
+        if args.fused:
+            from backbones.fusion import fuse_for_inference
+
+            model = fuse_for_inference(model.eval())
         metrics = evaluate(model, loaders["val"], device, cfg.train.amp, cfg.train.channels_last,
                            progress=not args.json and dist_env.is_main, output_dir=args.output)
         if not dist_env.is_main:
@@ -128,7 +136,9 @@ def cmd_predict(args) -> int:
     cfg = _load_config(args)
     model = registry.build_model(cfg)
     _check_weights_task(cfg, load_task_weights(model, args.weights), args.weights)
-    model.to(pick_device(cfg.train.device)).eval()
+    from backbones.fusion import fuse_for_inference
+
+    model = fuse_for_inference(model.to(pick_device(cfg.train.device)).eval())  # BatchNorm folded: same outputs
     with torch.no_grad():
         registry.get(cfg.model.task).predict(cfg, model, args.images, out=args.out, topk=args.topk,
                                             score_threshold=args.score_threshold)
@@ -189,6 +199,38 @@ def cmd_backbones(args) -> int:
     return 0
 
 
+def cmd_budget(args) -> int:
+    from .budget import run_command
+
+    cfg = _load_config(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_command(cfg, latency_ms=args.latency_ms, memory_gb=args.memory_gb, min_throughput=args.min_throughput,
+                scales=args.scales or (), phis=args.phis or (), search=args.search, fit_batch=args.fit_batch,
+                out_dir=args.output, runs=args.runs, device=args.device)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from . import registry
+    from .config import resolve_image_size
+    from .export import export
+
+    cfg = _load_config(args)
+    model = registry.build_model(cfg)
+    _check_weights_task(cfg, load_task_weights(model, args.weights), args.weights)
+    example = torch.zeros(1, 3, *resolve_image_size(cfg), dtype=torch.uint8)
+    result = export(model.eval(), args.format, args.output, example, dynamic_batch=args.dynamic_batch,
+                    postprocess=args.postprocess, include_normalization=not args.float_input,
+                    check=not args.no_check)
+    print(result.summary() if hasattr(result, "summary") else f"wrote {args.output}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -214,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="last.pt/best.pt, model.safetensors, or a torchvision/timm file")
     p.add_argument("--json", action="store_true", help="print the metrics dict as JSON on the last stdout line")
     p.add_argument("--output", metavar="DIR", help="also write metrics.json (and the evaluator's files) into DIR")
+    p.add_argument("--fused", action="store_true", help="fold BatchNorm into the convs first (inference speed)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="run a model on image files",
@@ -267,6 +310,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phi", type=float, help="show one free-coefficient model, e.g. --phi 2.5")
     p.add_argument("names", nargs="*", help="only these names")
     p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("budget", help="which scale fits this hardware: latency, throughput, memory per scale",
+                       description="Measure each scale of the config's task on this device (latency at batch 1, "
+                                   "throughput at the eval batch, a training step and its peak memory at the "
+                                   "config's batch, parameters, GMACs), mark the largest that meets every limit, "
+                                   "and write budget.json + budget.png.")
+    _add_config_args(p)
+    p.add_argument("--latency-ms", type=float, help="the most milliseconds one image may take (batch 1)")
+    p.add_argument("--memory-gb", type=float, help="the most GPU memory a training step may use (CUDA only)")
+    p.add_argument("--min-throughput", type=float, help="the fewest images per second at the eval batch")
+    p.add_argument("--scales", nargs="+", metavar="NAME",
+                   help="scales to measure, by `effdense backbones` names (efficientnet-b0 ...) or efficientdet-d0 ...")
+    p.add_argument("--phis", nargs="+", type=float, metavar="PHI", help="free compound coefficients to measure")
+    p.add_argument("--search", choices=["phi"], help="bisect phi (to 0.05) for the largest model within the limits")
+    p.add_argument("--fit-batch", action="store_true", help="also find the largest training batch (CUDA)")
+    p.add_argument("--runs", type=int, help="timed runs per measurement (default: device-dependent)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's train.device)")
+    p.add_argument("--threads", type=int, help="CPU threads (set 1 on a shared machine for steadier timings)")
+    p.add_argument("--output", default="runs/budget", help="where budget.json and budget.png go")
+    p.set_defaults(func=cmd_budget)
+
+    p = sub.add_parser("export", help="write a model as ONNX, TorchScript or a torch.export program",
+                       description="Export a trained model (BatchNorm folded, TF padding frozen) for deployment; "
+                                   "the graph takes uint8 images (N, 3, H, W) at the config's input size and "
+                                   "normalises them itself, and the written file is checked against PyTorch.")
+    _add_config_args(p)
+    p.add_argument("--weights", required=True, help="last.pt/best.pt, model.safetensors, or a peer's file")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"])
+    p.add_argument("-o", "--output", required=True, help="output file (.onnx, .pt, .pt2)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
+    p.add_argument("--postprocess", choices=["outside", "inside"], default="outside",
+                   help="detection: class/box maps + anchors out (outside), or top-k + NMS in the graph (inside)")
+    p.add_argument("--float-input", action="store_true", help="the graph takes float normalised images instead")
+    p.add_argument("--no-check", action="store_true", help="skip reloading the file and comparing outputs")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="synthesize data, train on CPU for ~2 minutes, evaluate",
                        description="Write a synthetic dataset, train a small model for the task on it, evaluate it.")

@@ -29,7 +29,8 @@ def run_demo(task: str = "classification", output: str | None = None, overrides:
     trainer.fit()
     minutes = (time.perf_counter() - start) / 60
     metrics = trainer.evaluate()
-    print(f"trained {cfg.model.backbone} ({task}) for {cfg.train.epochs} epochs in {minutes:.1f} min on {trainer.device}")
+    name = getattr(trainer.model.net, "name", None) or getattr(trainer.model.net.backbone, "name", cfg.model.backbone)
+    print(f"trained {name} ({task}) for {cfg.train.epochs} epochs in {minutes:.1f} min on {trainer.device}")
     if hasattr(trainer.last_evaluator, "table"):
         print(trainer.last_evaluator.table())
     else:

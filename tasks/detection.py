@@ -211,6 +211,17 @@ class DetectionTask(nn.Module):
         self.cat_ids = [int(c) for c in cat_ids] if cat_ids is not None else None
         self._ground_truth = None  # the loaded annotation file, kept across evaluations
 
+    def load_weights(self, path) -> None:
+        """A detector file into ``net``, strictly: ours (``last.pt``: EMA weights when it has them,
+        ``model.safetensors``) or effdet's ``tf_efficientdet_d*`` / ``efficientdet_d*``."""
+        from .detection_weights import load_detector_weights
+
+        load_detector_weights(self.net, path)
+
+    def extra_meta(self) -> dict:
+        """Stored with the weights beside the class names: the label -> json category id map."""
+        return {"cat_ids": self.cat_ids} if self.cat_ids is not None else {}
+
     @property
     def num_classes(self) -> int:
         return self.net.num_classes
@@ -317,3 +328,66 @@ def draw_detections(image: torch.Tensor, detection: dict[str, torch.Tensor], cla
     if not len(boxes):
         return image.clone()
     return draw_bounding_boxes(image.cpu(), boxes, labels=names, colors=colors, width=width)
+
+
+# ------------------------------------------------------------------------------------------ from a config
+
+def annotation_paths(cfg, split: str, train: bool):
+    """(annotation json, image folder) of a split: ``data.{train,val}_annotations/_images``, else COCO's layout."""
+    from .data.coco import coco_paths
+
+    default_ann, default_dir = coco_paths(cfg.data.root, split)
+    ann = cfg.data.train_annotations if train else cfg.data.val_annotations
+    images = cfg.data.train_images if train else cfg.data.val_images
+    return (ann or default_ann), (images or default_dir)
+
+
+def detector_name(model_cfg) -> tuple[str, dict]:
+    """(build_detector name, its phi option) for ``model.phi`` / ``model.scale`` / ``model.backbone``."""
+    from .schema import detection_scale
+
+    scale = detection_scale(model_cfg)
+    if isinstance(scale, float) and not scale.is_integer():
+        return "efficientdet", {"phi": scale}
+    index = str(scale).lower().removeprefix("efficientdet-").removeprefix("d")
+    if index.endswith(".0"):
+        index = index[:-2]
+    return f"efficientdet-d{index}", {}
+
+
+def build_model(cfg) -> DetectionTask:
+    """The detection task module a ``tasks.config.DetectionConfig`` describes. Class names and the
+    label -> category id map come from the validation json when it exists (else from the weights file,
+    which stores them)."""
+    import json
+
+    m, det, loss = cfg.model, cfg.model.detection, cfg.loss
+    name, options = detector_name(m)
+    if m.norm_eps is not None:
+        options["backbone_norm_eps"] = m.norm_eps
+    if m.norm_momentum is not None:
+        options["backbone_norm_momentum"] = m.norm_momentum
+    for key in ("fusion", "anchor_scale"):
+        if getattr(det, key) is not None:
+            options[key] = getattr(det, key)
+    net = build_detector(name, m.num_classes, weights=m.weights, backbone_weights=m.backbone_weights,
+                         padding=m.padding, width=det.width, repeats=det.repeats, head_depth=det.head_depth,
+                         drop_path=m.drop_path, nms=det.nms, nms_iou=det.nms_iou, max_candidates=det.candidates,
+                         max_detections=det.max_detections, score_threshold=det.score_threshold,
+                         focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma, huber_delta=loss.huber_delta,
+                         box_loss_weight=loss.box_weight, **options)
+    annotation_file, _ = annotation_paths(cfg, cfg.data.val_split, train=False)
+    names = cat_ids = None
+    if annotation_file.is_file():
+        from .data.coco import category_maps, read_annotation_file
+
+        cat_ids, _, names = category_maps(read_annotation_file(annotation_file)["categories"])
+    return DetectionTask(net, mean=cfg.data.mean, std=cfg.data.std, annotation_file=str(annotation_file),
+                         class_names=names, cat_ids=cat_ids)
+
+
+def predict(cfg, model: DetectionTask, paths, out=None, score_threshold: float = 0.3, **_options) -> list[dict]:
+    """Boxes, class names and scores drawn on each image (``out``), plus a COCO results json."""
+    from .config import resolve_image_size
+
+    return predict_paths(model, paths, out, size=resolve_image_size(cfg), score_threshold=score_threshold)

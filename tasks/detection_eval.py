@@ -128,11 +128,13 @@ class CocoEvaluator:
         return self._evaluate(rows, seen)
 
     def _evaluate(self, rows: np.ndarray, seen: list[int]) -> dict[str, float]:
+        self._last_rows = rows
         if self.output_dir is not None:
             self.write(rows, self.output_dir / DETECTIONS_FILE)
         if not len(rows):
             log.warning("no detections on the %d evaluated images: every COCO stat is 0", len(seen))
-            return {name: 0.0 for name in STAT_NAMES}
+            self._last_stats, self._last_seen = {name: 0.0 for name in STAT_NAMES}, seen
+            return dict(self._last_stats)
         from pycocotools.cocoeval import COCOeval
 
         with contextlib.redirect_stdout(io.StringIO()):
@@ -142,7 +144,21 @@ class CocoEvaluator:
             evaluation.evaluate()
             evaluation.accumulate()
             evaluation.summarize()
-        return {name: float(value) for name, value in zip(STAT_NAMES, evaluation.stats)}
+        self._last_stats = {name: float(value) for name, value in zip(STAT_NAMES, evaluation.stats)}
+        self._last_seen = seen
+        return dict(self._last_stats)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """``detections.json`` (COCO results: original image and category ids) and ``coco_eval.json`` (the
+        12 stats with the NMS that produced them) of the last ``compute()``, into ``directory`` (rank 0)."""
+        rows = getattr(self, "_last_rows", None)
+        if rows is None:  # other ranks: rank 0 holds the gathered detections
+            return
+        folder = Path(directory)
+        self.write(rows, folder / DETECTIONS_FILE)
+        stats = getattr(self, "_last_stats", None)
+        (folder / "coco_eval.json").write_text(json.dumps({"stats": stats, "postprocess": self.describe(),
+                                                           "images": len(getattr(self, "_last_seen", []))}, indent=1))
 
     @staticmethod
     def write(rows: np.ndarray, path: str | os.PathLike) -> Path:

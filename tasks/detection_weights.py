@@ -18,6 +18,7 @@ import re
 import torch
 from torch import nn
 
+from backbones.errors import WeightsError
 from backbones.weights import LoadReport, load_state, read_state_dict
 
 LOG = logging.getLogger("effdense")
@@ -110,7 +111,7 @@ def load_detector_weights(model: nn.Module, source: str | os.PathLike | dict, la
     state = _unwrap_bench(state)
     layout = detect_layout(state)
     if layout == "backbone":
-        raise ValueError(f"{label}: holds no detector (no fpn.* keys, first keys: {_preview(state)}); expected an "
+        raise WeightsError(f"{label}: holds no detector (no fpn.* keys, first keys: {_preview(state)}); expected an "
                          f"effdet or effdense detector file; a classifier/backbone file goes in backbone_weights")
     if layout == "effdense":
         return _load_effdense(model, state, label)
@@ -156,7 +157,7 @@ def _load_effdense(model: nn.Module, state: dict, label: str) -> LoadReport:
 def _load_effdet(model: nn.Module, state: dict, label: str) -> LoadReport:
     backbone_state = {k: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone_state:
-        raise ValueError(f"{label}: effdet detector file without backbone.* keys; expected a full effdet checkpoint")
+        raise WeightsError(f"{label}: effdet detector file without backbone.* keys; expected a full effdet checkpoint")
     report = load_state(model.backbone, backbone_state, label)
     report.format = "effdet"
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
@@ -208,5 +209,5 @@ def _raise_mismatch(label: str, layout: str, missing: list, unexpected: list, sh
              f"{len(unexpected)} unexpected keys ({_preview(unexpected)})" if unexpected else "0 unexpected keys"]
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches ({_preview(shapes)})")
-    raise ValueError(f"{label}: {layout} detector checkpoint does not fit this model: {'; '.join(parts)}; expected "
+    raise WeightsError(f"{label}: {layout} detector checkpoint does not fit this model: {'; '.join(parts)}; expected "
                      f"weights of the same EfficientDet size (name/phi) and options")

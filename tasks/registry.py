@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import classification, segmentation
+from . import classification, detection, segmentation
 from .data.formats import formats_for
 from .engine.checkpoint import seed_everything
 
@@ -43,6 +43,7 @@ def _add(task: Task) -> None:
 
 _add(Task("classification", classification.build_model, classification.predict, DEMO_CONFIGS / "classification.yaml"))
 _add(Task("segmentation", segmentation.build_model, segmentation.predict, DEMO_CONFIGS / "segmentation.yaml"))
+_add(Task("detection", detection.build_model, detection.predict, DEMO_CONFIGS / "detection.yaml"))
 
 
 def get(name: str) -> Task:

@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import backbones
+from backbones.errors import WeightsError
 from backbones.weights import adapt_input_channels
 
 log = logging.getLogger("effdense")
@@ -65,7 +66,7 @@ def detect_flavour(state: Mapping[str, torch.Tensor], label: str = "checkpoint")
         if stem in state:
             return flavour
     first = [k for k in state if k.startswith("encoder.")][:3]
-    raise ValueError(f"{label}: an smp Unet checkpoint whose encoder is not an EfficientNet (first encoder keys: "
+    raise WeightsError(f"{label}: an smp Unet checkpoint whose encoder is not an EfficientNet (first encoder keys: "
                      f"{', '.join(first)}); expected smp.Unet with 'efficientnet-bN', 'timm-efficientnet-bN' "
                      f"or 'tu-efficientnet_bN'")
 
@@ -87,7 +88,7 @@ def _smp_block_taps(backbone: str) -> dict[str, tuple[int, int]]:
     """(stage, block) of each of smp's ``efficientnet-bN`` taps s4..s32, read from smp's own table."""
     entry = encoders.get(backbone)
     if entry is None or "out_indexes" not in entry.get("params", {}):
-        raise ValueError(f"flavour='smp': smp has no EfficientNet-PyTorch encoder named {backbone!r}; expected "
+        raise WeightsError(f"flavour='smp': smp has no EfficientNet-PyTorch encoder named {backbone!r}; expected "
                          f"efficientnet-b0 ... efficientnet-b7")
     repeats = [stage.repeats for stage in backbones.get_preset(backbone).arch().stages]
     places = [(s, j) for s, count in enumerate(repeats) for j in range(count)]  # global block index -> place
@@ -99,7 +100,7 @@ def apply_flavour(flavour: str, backbone: str, options: dict) -> dict:
     merged = dict(options)
     for key, value in flavour_options(flavour, backbone).items():
         if key in merged and merged[key] is not None and merged[key] != value:
-            raise ValueError(f"{key}={merged[key]!r} conflicts with flavour={flavour!r}, which needs {key}={value!r} "
+            raise WeightsError(f"{key}={merged[key]!r} conflicts with flavour={flavour!r}, which needs {key}={value!r} "
                              f"to reproduce smp's encoder; drop {key} or use flavour='effdense'")
         merged[key] = value
     return merged

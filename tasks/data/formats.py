@@ -19,7 +19,6 @@ from . import DataError
 from .imagefolder import ImageFolderDataset, class_mismatch, list_split
 from .transforms import classification_eval_transform, classification_train_transform
 
-
 @dataclass(frozen=True)
 class DataFormat:
     name: str
@@ -30,9 +29,7 @@ class DataFormat:
     synth: Callable  # (root, seed=0, **options) -> Path
     collate: Callable = lambda cfg, train: None  # (cfg, train: bool) -> collate_fn or None (default stacking)
 
-
 # -- imagefolder (classification) -------------------------------------------------------------------
-
 
 def _imagefolder_dataset(cfg: Config, split: str, train: bool) -> ImageFolderDataset:
     size = resolve_image_size(cfg)
@@ -47,27 +44,22 @@ def _imagefolder_dataset(cfg: Config, split: str, train: bool) -> ImageFolderDat
         raise DataError(num_classes_problem(cfg, dataset.classes, split))
     return dataset
 
-
 def num_classes_problem(cfg: Config, classes: list[str], split: str) -> str:
     shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
     return (f"model.num_classes={cfg.model.num_classes} but data.root '{cfg.data.root}' has {len(classes)} class "
             f"folders in '{split}' ({shown}); set model.num_classes={len(classes)}")
-
 
 def _imagefolder_check(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
     from .check import check_imagefolder
 
     return check_imagefolder(cfg, workers=workers, progress=progress)
 
-
 def _imagefolder_synth(root: str | Path, seed: int = 0, classes: int = 4, **options) -> Path:
     from .synthetic import write_classification
 
     return write_classification(root, num_classes=classes, seed=seed, **options)
 
-
 # -- cityscapes and mask folders (segmentation) ------------------------------------------------------
-
 
 def _segmentation_transform(cfg: Config, train: bool):
     from tasks.segmentation import eval_transform
@@ -81,7 +73,6 @@ def _segmentation_transform(cfg: Config, train: bool):
                                         hflip=augment.hflip, photometric=augment.photometric,
                                         ignore_index=cfg.data.ignore_index)
 
-
 def _cityscapes_dataset(cfg: Config, split: str, train: bool):
     from .cityscapes import CityscapesDataset, NUM_CLASSES
 
@@ -90,19 +81,16 @@ def _cityscapes_dataset(cfg: Config, split: str, train: bool):
                         f"set model.num_classes={NUM_CLASSES}")
     return CityscapesDataset(cfg.data.root, split, _segmentation_transform(cfg, train), cfg.data.on_bad_sample)
 
-
 def _maskfolder_dataset(cfg: Config, split: str, train: bool):
     from .maskfolder import MaskFolderDataset
 
     return MaskFolderDataset(cfg.data.root, split, cfg.model.num_classes, _segmentation_transform(cfg, train),
                              cfg.data.on_bad_sample, cfg.data.ignore_index, cfg.data.class_names)
 
-
 def _check_cityscapes(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
     from .cityscapes import check_cityscapes
 
     return check_cityscapes(cfg.data.root, (cfg.data.train_split, cfg.data.val_split), workers, progress)
-
 
 def _check_maskfolder(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
     from .maskfolder import check_maskfolder
@@ -110,33 +98,73 @@ def _check_maskfolder(cfg: Config, workers: int = 4, progress: bool = False) -> 
     return check_maskfolder(cfg.data.root, cfg.model.num_classes, cfg.data.ignore_index,
                             (cfg.data.train_split, cfg.data.val_split), workers, progress)
 
-
 def _synth_cityscapes(root: str | Path, seed: int = 0, **options) -> Path:
     from .synthetic_segmentation import write_cityscapes
 
     return write_cityscapes(root, seed=seed, **options)
-
 
 def _synth_maskfolder(root: str | Path, seed: int = 0, **options) -> Path:
     from .synthetic_segmentation import write_maskfolder
 
     return write_maskfolder(root, seed=seed, **options)
 
-
 def _segmentation_collate_for(cfg: Config, train: bool):
     from .seg_common import segmentation_collate
 
     return segmentation_collate(train, cfg.data.ignore_index)
 
+# -- coco (detection) ----------------------------------------------------------------------------------
+
+def _coco_dataset(cfg: Config, split: str, train: bool):
+    from tasks.detection import annotation_paths
+
+    from .coco import CocoDetection
+    from .det_transforms import DetectionEvalTransform, DetectionTrainTransform
+
+    size, augment = resolve_image_size(cfg), cfg.data.augment
+    transform = (DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip) if train
+                 else DetectionEvalTransform(size))
+    annotation_file, image_dir = annotation_paths(cfg, split, train)
+    dataset = CocoDetection(cfg.data.root, split, transform, annotation_file=annotation_file, image_dir=image_dir,
+                            max_instances=cfg.data.max_instances, on_bad_sample=cfg.data.on_bad_sample)
+    if dataset.num_classes != cfg.model.num_classes:
+        raise DataError(f"model.num_classes={cfg.model.num_classes} but {annotation_file} has {dataset.num_classes} "
+                        f"categories; set model.num_classes={dataset.num_classes}")
+    return dataset
+
+def _coco_collate(cfg: Config, train: bool):
+    from .det_transforms import detection_collate
+
+    return detection_collate
+
+def _check_coco(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
+    from tasks.detection import annotation_paths
+
+    from .coco import check_coco, read_annotation_file
+
+    problems = []
+    for split, train in ((cfg.data.train_split, True), (cfg.data.val_split, False)):
+        annotation_file, image_dir = annotation_paths(cfg, split, train)
+        problems += check_coco(cfg.data.root, split, annotation_file=annotation_file, image_dir=image_dir,
+                               workers=workers, progress=progress)
+        if annotation_file.is_file() and not problems:
+            count = len(read_annotation_file(annotation_file)["categories"])
+            if count != cfg.model.num_classes:
+                problems.append(f"model.num_classes={cfg.model.num_classes} but {annotation_file} has {count} "
+                                f"categories; set model.num_classes={count}")
+    return problems
+
+def _synth_coco(root: str | Path, seed: int = 0, **options) -> Path:
+    from .synthetic_detection import write_coco
+
+    return write_coco(root, seed=seed, **options)
 
 FORMATS: dict[str, DataFormat] = {}
-
 
 def _add(row: DataFormat) -> None:
     if row.name in FORMATS:
         raise ValueError(f"duplicate data format {row.name!r}")
     FORMATS[row.name] = row
-
 
 _add(DataFormat(name="imagefolder", task="classification", layout="<root>/<split>/<class>/*.jpg",
                 dataset=_imagefolder_dataset, check=_imagefolder_check, synth=_imagefolder_synth))
@@ -149,6 +177,9 @@ _add(DataFormat(name="maskfolder", task="segmentation",
                 dataset=_maskfolder_dataset, check=_check_maskfolder, synth=_synth_maskfolder,
                 collate=_segmentation_collate_for))
 
+_add(DataFormat(name="coco", task="detection",
+                layout="annotations/instances_<split>.json + <split>/*.jpg (or any COCO json + image folder)",
+                dataset=_coco_dataset, check=_check_coco, synth=_synth_coco, collate=_coco_collate))
 
 def formats_for(task: str) -> list[str]:
     """The format names that feed ``task``."""

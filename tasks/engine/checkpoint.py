@@ -183,12 +183,13 @@ def network_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def meta_to_strings(meta: dict[str, Any]) -> dict[str, str]:
-    """``meta`` as safetensors metadata (string values): ``effdense.task``, ``effdense.class_names`` (JSON)."""
+    """``meta`` as safetensors metadata (string values): ``effdense.task``, and every other entry as JSON
+    under ``effdense.<key>`` (``effdense.class_names``, ``effdense.cat_ids``)."""
     out = {}
-    if meta.get("task"):
-        out["effdense.task"] = str(meta["task"])
-    if meta.get("class_names") is not None:
-        out["effdense.class_names"] = json.dumps(list(meta["class_names"]))
+    for key, value in meta.items():
+        if value is None:
+            continue
+        out[f"effdense.{key}"] = str(value) if key == "task" else json.dumps(value)
     return out
 
 
@@ -202,10 +203,12 @@ def weights_meta(path: str | os.PathLike) -> dict[str, Any]:
 
             with safe_open(str(path), framework="pt") as handle:
                 raw = handle.metadata() or {}
-            meta = {"task": raw.get("effdense.task")}
-            if "effdense.class_names" in raw:
-                meta["class_names"] = json.loads(raw["effdense.class_names"])
-            return {k: v for k, v in meta.items() if v is not None}
+            meta = {}
+            for key, value in raw.items():
+                if key.startswith("effdense.") and key != "effdense.arch":
+                    name = key[len("effdense."):]
+                    meta[name] = value if name in ("task", "source_format") else json.loads(value)
+            return meta
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # the weight loader reports unreadable files with the reason
         return {}

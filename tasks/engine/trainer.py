@@ -431,8 +431,10 @@ class Trainer:
         return images_to_device(images, self.device, self.channels_last)  # uint8 travels; the task normalises
 
     def _meta(self) -> dict:
-        """What a reader of the weights needs without the dataset: the task and the class names."""
-        return {"task": self.cfg.model.task, "class_names": self.class_names}
+        """What a reader of the weights needs without the dataset: the task, the class names, and what the
+        task module adds (``extra_meta()``: detection's category ids)."""
+        extra = getattr(self.model, "extra_meta", None)
+        return {"task": self.cfg.model.task, "class_names": self.class_names, **(extra() if extra else {})}
 
     def _claim_run_dir(self) -> None:
         """Refuse a directory holding another run (unless ``train.overwrite``, which clears its run files)."""

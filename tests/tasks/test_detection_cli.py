@@ -1,0 +1,91 @@
+"""Detection through the CLI and the engine: train, eval (12 COCO stats, detections.json), predict."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = str(REPO / "configs" / "demo" / "detection.yaml")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from tasks.data.synthetic_detection import write_coco
+
+    return write_coco(tmp_path_factory.mktemp("det") / "coco", train_images=8, val_images=4, min_size=128, max_size=160)
+
+
+def _tiny(root):
+    args = []
+    for item in (f"data.root={root}", "data.image_size=128", "data.batch_size=4", "data.workers=0",
+                 "train.epochs=1", "train.eval_every=1", "train.checkpoint_every=1", "train.progress=false"):
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "det"
+    assert main(["train", DEMO, *_tiny(shapes), "--output", str(run)]) == 0
+    return run
+
+
+def test_train_writes_detections_and_the_twelve_stats(trained):
+    from tasks.detection_eval import STAT_NAMES
+
+    record = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(f"val/{name}" in record for name in STAT_NAMES)
+    detections = json.loads((trained / "detections.json").read_text())
+    assert {d["category_id"] for d in detections} <= {3, 7, 11}  # the json's own (non-contiguous) ids
+    report = json.loads((trained / "coco_eval.json").read_text())
+    assert report["stats"]["mAP"] == pytest.approx(record["val/mAP"]) and report["postprocess"]["nms"] == "hard"
+
+
+def test_eval_output_writes_detections_json_that_pycocotools_scores_the_same(shapes, trained, tmp_path, capsys):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    assert main(["eval", DEMO, *_tiny(shapes), "--weights", str(trained / "best.pt"), "--json",
+                 "--output", str(tmp_path)]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(Path(shapes) / "annotations" / "instances_val.json"))
+        evaluation = COCOeval(gt, gt.loadRes(str(tmp_path / "detections.json")), "bbox")
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+    assert metrics["mAP"] == pytest.approx(evaluation.stats[0]) and metrics["mAP50"] == pytest.approx(evaluation.stats[1])
+
+
+def test_predict_draws_boxes_without_the_dataset(shapes, trained, tmp_path, capsys):
+    images = sorted((Path(shapes) / "val").glob("*.*"))[:2]
+    assert main(["predict", DEMO, "--set", "data.root=/nonexistent", "--set", "data.image_size=128",
+                 "--weights", str(trained / "model.safetensors"), *map(str, images), "--out", str(tmp_path),
+                 "--score-threshold", "0.0"]) == 0
+    for image in images:
+        assert (tmp_path / image.name).is_file()
+    rows = json.loads((tmp_path / "detections.json").read_text())
+    assert rows and {r["category_id"] for r in rows} <= {3, 7, 11}  # ids from the weights' metadata
+
+
+def test_data_synth_and_check_detection(tmp_path, capsys):
+    root = tmp_path / "coco"
+    assert main(["data", "synth", "detection", str(root)]) == 0
+    assert main(["data", "check", DEMO, "--set", f"data.root={root}"]) == 0
+    bad = json.loads((root / "annotations" / "instances_val.json").read_text())
+    bad["annotations"][0]["category_id"] = 99
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(bad))
+    assert main(["data", "check", DEMO, "--set", f"data.root={root}"]) == 1
+    assert "99" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_detection_demo_reaches_05_map50(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "detection", "--output", str(tmp_path / "run"), "--set", "train.progress=false"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["mAP50"] >= 0.5
