@@ -42,7 +42,10 @@ def cmd_train(args) -> int:
         cfg.train.overwrite = True
     try:
         loaders = build_loaders(cfg)  # under torchrun this joins the process group first
-        trainer = Trainer(registry.build_model(cfg), loaders, cfg)
+        scale = describe_scale(cfg)
+        trainer = Trainer(registry.build_model(cfg), loaders, cfg, run_files={"scale.json": scale})
+        if trainer.is_main:
+            log.info("scale: %s", ", ".join(f"{k}={v}" for k, v in scale.items() if v is not None))
         if args.resume:
             trainer.resume(args.resume)
         try:
@@ -60,6 +63,13 @@ def cmd_train(args) -> int:
         return 0
     finally:
         cleanup()
+
+
+def describe_scale(cfg) -> dict:
+    """What the config's scale (``model.phi`` / ``model.scale`` / backbone) resolves to, as plain data."""
+    from .scaling import describe
+
+    return describe(cfg)
 
 
 def load_task_weights(task_model, path: str) -> dict:
@@ -189,8 +199,16 @@ def cmd_weights(args) -> int:
 def cmd_backbones(args) -> int:
     import backbones
 
-    from .summary import describe, format_table
+    from .summary import TASK_SCALES, describe, describe_task, format_table, format_task_table
 
+    if args.task:
+        head = args.head or "unet"
+        if args.phi is not None:
+            rows = [describe_task(args.task, phi=args.phi, head=head)]
+        else:
+            rows = [describe_task(args.task, scale=s, head=head) for s in (args.names or TASK_SCALES[args.task])]
+        print(format_task_table(args.task, rows))
+        return 0
     if args.phi is not None:
         rows = [describe("efficientnet", phi=args.phi)]
     else:
@@ -308,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="the backbone family as a table (params, GMACs, resolution, taps)",
                        description="Print every backbone with its parameters, GMACs, native resolution and taps.")
     p.add_argument("--phi", type=float, help="show one free-coefficient model, e.g. --phi 2.5")
-    p.add_argument("names", nargs="*", help="only these names")
+    p.add_argument("--task", choices=list(TASKS), help="the whole task model per scale (D0..D7x for detection, "
+                                                       "U-Net on B0..B7 for segmentation) at the task's input size")
+    p.add_argument("--head", choices=["unet", "bifpn"], help="segmentation: which head (default unet)")
+    p.add_argument("names", nargs="*", help="only these names (with --task: scales 0..7, 7x)")
     p.set_defaults(func=cmd_backbones)
 
     p = sub.add_parser("budget", help="which scale fits this hardware: latency, throughput, memory per scale",

@@ -24,7 +24,11 @@ def run_demo(task: str = "classification", output: str | None = None, overrides:
         out = Path(output)
         cfg.train.output_dir, cfg.train.run_name = str(out.parent), out.name
     cfg.train.overwrite = True  # the demo is meant to be run again and again
-    trainer = Trainer(registry.build_model(cfg), build_loaders(cfg), cfg)
+    from .scaling import describe
+
+    scale = describe(cfg)
+    print("scale: " + ", ".join(f"{k}={v}" for k, v in scale.items() if v is not None))
+    trainer = Trainer(registry.build_model(cfg), build_loaders(cfg), cfg, run_files={"scale.json": scale})
     start = time.perf_counter()
     trainer.fit()
     minutes = (time.perf_counter() - start) / 60

@@ -333,11 +333,24 @@ class Config:
         raise NotImplementedError
 
 
+NAMED_PHIS = range(0, 8)  # the published scales B0..B7 / D0..D7
+BETA_WIDTH_RULE = 1.1  # width growth per unit of phi (Tan & Le 2019, section 3.3)
+
+
+def named_scale(phi: float | None) -> int | None:
+    """The published scale an integral ``phi`` in 0..7 names (the tables, not the rules), else None."""
+    if phi is not None and float(phi).is_integer() and int(phi) in NAMED_PHIS:
+        return int(phi)
+    return None
+
+
 def backbone_spec(model: ModelConfig) -> tuple[str, dict]:
-    """(``backbones.create`` name, its phi option) named by ``model.phi``, else ``model.scale`` (B-number),
+    """(``backbones.create`` name, its phi option) named by ``model.phi`` (an integral phi in 0..7 is the
+    published B-scale, any other real phi the compound-scaling rule), else ``model.scale`` (B-number),
     else ``model.backbone``."""
     if model.phi is not None:
-        return "efficientnet", {"phi": float(model.phi)}
+        named = named_scale(model.phi)
+        return (f"efficientnet-b{named}", {}) if named is not None else ("efficientnet", {"phi": float(model.phi)})
     if model.scale is not None:
         return f"efficientnet-b{model.scale}", {}
     return model.backbone, {}

@@ -43,3 +43,55 @@ def format_table(rows: list[dict]) -> str:
     lines.append("params: the classifier with 1000 classes; GMACs: multiply-accumulates of one image at the "
                  "native resolution (what the EfficientNet paper calls FLOPs).")
     return "\n".join(lines)
+
+
+TASK_SCALES = {"classification": [str(i) for i in range(8)], "segmentation": [str(i) for i in range(8)],
+               "detection": [str(i) for i in range(8)] + ["7x"]}
+SEGMENTATION_SIZE = (512, 1024)  # the Cityscapes crop: what a segmentation cost is quoted at
+
+
+def describe_task(task: str, scale: str | None = None, phi: float | None = None, size=None, head: str = "unet") -> dict:
+    """One row for ``effdense backbones --task``: the whole task model at a named ``scale`` or a free ``phi``:
+    parameters, GMACs at the task's input size (classification and detection: the scale's own; segmentation:
+    512x1024 unless ``size``), the resolution, and what the scale resolves to. Built on the meta device."""
+    from . import registry
+    from .config import resolve_image_size, schema_for, validate
+    from .scaling import describe
+
+    cfg = schema_for(task)()
+    cfg.model.scale, cfg.model.phi = scale, phi
+    if task == "segmentation":
+        cfg.model.segmentation.head = head
+        cfg.data.image_size = list(size or SEGMENTATION_SIZE)
+    elif size is not None:
+        cfg.data.image_size = list(size)
+    cfg.train.device = "cpu"
+    validate(cfg)
+    height, width = resolve_image_size(cfg)
+    with torch.device("meta"):
+        model = registry.build_model(cfg).eval()
+        net = model.net
+        image = torch.empty(1, 3, height, width)
+        run = getattr(net, "forward_raw", net)  # detection: the class/box maps, without NMS
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            run(image)
+    info = describe(cfg)
+    label = info.get("detector") or info["backbone"]
+    return {"name": label if task != "segmentation" else f"{head}-{label}",
+            "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+            "gmacs": counter.get_total_flops() / 2e9, "resolution": f"{height}x{width}", "info": info}
+
+
+def format_task_table(task: str, rows: list[dict]) -> str:
+    header = f"{'model':<34}{'params(M)':>10}{'GMACs':>10}{'input':>12}  resolved"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        info = row["info"]
+        keys = {"detection": ("bifpn_width", "bifpn_repeats", "head_depth"),
+                "segmentation": ("decoder_channels", "bifpn_width", "bifpn_repeats")}.get(task, ("width_multiplier",
+                                                                                                 "depth_multiplier"))
+        resolved = ", ".join(f"{k}={info[k]}" for k in keys if info.get(k) is not None)
+        lines.append(f"{row['name']:<34}{row['params_m']:>10.2f}{row['gmacs']:>10.2f}{row['resolution']:>12}  {resolved}")
+    lines.append(f"GMACs: multiply-accumulates of one image at the input shown ({task} model, "
+                 f"{'without NMS' if task == 'detection' else 'whole network'}).")
+    return "\n".join(lines)

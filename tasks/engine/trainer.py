@@ -28,6 +28,7 @@ How ``resume`` is exact: see ``tasks.checkpoint``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import signal
@@ -79,10 +80,12 @@ class Trainer:
     resumed run without either continues in the checkpoint's directory). A directory that already holds
     another run is refused unless ``train.overwrite`` (then its run files are removed first).
     ``create_run_dir=False`` writes nothing (benchmarks). ``cfg`` is a validated ``tasks.config`` config.
+    ``run_files``: ``{file name: JSON-able data}`` written into the run directory when ``fit`` starts
+    (the CLI's ``scale.json``: what the compound coefficient resolved to).
     """
 
     def __init__(self, model: nn.Module, loaders: dict, cfg: Any, run_dir: str | Path | None = None,
-                 create_run_dir: bool = True):
+                 create_run_dir: bool = True, run_files: dict[str, Any] | None = None):
         try:
             batches = len(loaders["train"]) if "train" in loaders else 1  # evaluation-only without "train"
         except TypeError:
@@ -127,6 +130,7 @@ class Trainer:
             run_dir = Path(t.output_dir) / (t.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.run_dir = Path(dist_utils.broadcast_object(str(run_dir)))
         self._create_run_dir = create_run_dir
+        self.run_files = dict(run_files or {})
         self.epoch = self.step = self.batch_in_epoch = 0  # position: epoch in progress, steps done, batches used
         self.best: float | None = None
         self.history: list[dict] = []  # one record per evaluation (what metrics.jsonl holds)
@@ -160,6 +164,8 @@ class Trainer:
             ckpt.remove_stale_temp_files(self.run_dir)
             self._runlog = RunLog(self.run_dir, resume_step=self.step if self._last_checkpoint else None)
             write_config(self.cfg, self.run_dir / "config.yaml")
+            for name, data in self.run_files.items():
+                (self.run_dir / name).write_text(json.dumps(data, indent=1) + "\n")
         self._stop.install()
         final: dict[str, float] | None = None
         try:

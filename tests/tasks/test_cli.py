@@ -249,3 +249,14 @@ def test_a_bug_keeps_its_traceback_and_user_errors_say_how_to_see_one(monkeypatc
         main(["backbones"])
     assert main(["train", DEMO, "--set", "train.epochz=3"]) == 2
     assert "(run with -v for the traceback)" in capsys.readouterr().err
+
+
+def test_the_resolved_scale_is_stored_in_the_run_directory(trained):
+    scale = json.loads((trained / "scale.json").read_text())
+    assert scale["backbone"] == "efficientnet-lite0" and scale["input_size"] == [32, 32] and scale["named"]
+
+
+def test_backbones_task_table(capsys):
+    assert main(["backbones", "--task", "detection", "0", "7x"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientdet-d0" in out and "3.88" in out and "efficientdet-d7x" in out and "77.11" in out  # effdet's counts
