@@ -41,9 +41,13 @@ def cmd_train(args) -> int:
     if args.overwrite:
         cfg.train.overwrite = True
     try:
+        run_files = {}
+        if cfg.train.batch_size == "auto":
+            run_files["batch_size.json"] = _auto_batch_size(cfg)
         loaders = build_loaders(cfg)  # under torchrun this joins the process group first
         scale = describe_scale(cfg)
-        trainer = Trainer(registry.build_model(cfg), loaders, cfg, run_files={"scale.json": scale})
+        run_files["scale.json"] = scale
+        trainer = Trainer(registry.build_model(cfg), loaders, cfg, run_files=run_files)
         if trainer.is_main:
             log.info("scale: %s", ", ".join(f"{k}={v}" for k, v in scale.items() if v is not None))
         if args.resume:
@@ -63,6 +67,21 @@ def cmd_train(args) -> int:
         return 0
     finally:
         cleanup()
+
+
+def _auto_batch_size(cfg) -> dict:
+    """``train.batch_size=auto``: rank 0 probes the largest batch that fits its GPU (the others take it);
+    sets ``data.batch_size`` (the lr follows by the linear rule) and returns what was found, for the run."""
+    from .budget_measure import find_batch_size
+    from .engine.distributed import broadcast_object, is_main_process, setup_process
+    from .engine.optim import scaled_lr
+
+    device, _ = setup_process(cfg.train.device, cfg.train.deterministic)
+    found = find_batch_size(cfg, device=device) if is_main_process() else None
+    batch, message = broadcast_object((found.batch_size, found.message) if found else None)
+    cfg.data.batch_size = int(batch)
+    log.info("train.batch_size=auto: %s", message)
+    return {"batch_size": cfg.data.batch_size, "lr": scaled_lr(cfg), "message": message}
 
 
 def describe_scale(cfg) -> dict:

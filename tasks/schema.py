@@ -294,6 +294,9 @@ class DetectionLossConfig:
 
 @dataclass
 class TrainConfig:
+    # auto: the largest per-GPU batch that trains without running out of memory (a few probe steps, 90% kept,
+    # on CUDA; the lr follows by the linear rule); null: data.batch_size as it is
+    batch_size: Optional[str] = choice(None, None, "auto")
     epochs: int = number(10, AT_LEAST_ONE)
     max_steps: Optional[int] = number(None, AT_LEAST_ONE)  # stop early after this many optimizer steps (demos, benchmarks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N

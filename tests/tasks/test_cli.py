@@ -260,3 +260,12 @@ def test_backbones_task_table(capsys):
     assert main(["backbones", "--task", "detection", "0", "7x"]) == 0
     out = capsys.readouterr().out
     assert "efficientdet-d0" in out and "3.88" in out and "efficientdet-d7x" in out and "77.11" in out  # effdet's counts
+
+
+def test_auto_batch_size_on_cpu_keeps_the_configured_batch_and_says_why(dataset, tmp_path):
+    run = tmp_path / "auto"
+    assert main(["train", DEMO, *_tiny(dataset), "--set", "train.batch_size=auto", "--set", "train.max_steps=1",
+                 "--output", str(run)]) == 0
+    found = json.loads((run / "batch_size.json").read_text())
+    assert found["batch_size"] == 8 and "needs CUDA" in found["message"]
+    assert found["lr"] == pytest.approx(0.002 * 8 / 16)  # the demo's lr at base_batch_size 16, linear rule

@@ -124,7 +124,7 @@ def test_cross_field_rules():
 
 def test_unknown_key_names_the_path_and_the_valid_keys():
     message = load_error(IMAGENET, "train.epochz=3")
-    assert "config key 'train.epochz' is unknown; valid keys in 'train': amp, channels_last," in message
+    assert "config key 'train.epochz' is unknown; valid keys in 'train': amp, batch_size, channels_last," in message
     assert "epochs" in message and "did you mean 'train.epochs'" in message
     assert "valid keys at the top level: data, loss, model" in load_error(IMAGENET, "trian.epochs=3")
 
