@@ -157,12 +157,19 @@ class FuseNode(nn.Module):
 
 
 class BiFPNCell(nn.Module):
-    """One BiFPN repeat: maps for levels min..max in, the fused maps for the same levels out."""
+    """One BiFPN repeat: maps for levels min..max in, the fused maps for the same levels out.
+
+    ``finest_only``: build only the top-down nodes and return ``[P_min]`` (its last node), which is all
+    a consumer of the finest level needs from the last cell (segmentation); the bottom-up nodes would
+    be parameters without gradients.
+    """
 
     def __init__(self, in_channels: Sequence[int], width: int, min_level: int, max_level: int, fusion: str,
-                 norm, act: str, padding: str):
+                 norm, act: str, padding: str, finest_only: bool = False):
         super().__init__()
         nodes = bifpn_nodes(min_level, max_level)
+        if finest_only:
+            nodes = nodes[:max_level - min_level]  # top-down: P(max-1)' ... P(min)'
         channels = list(in_channels) + [width] * len(nodes)
         self.nodes = nn.ModuleList(FuseNode(node, channels, width, fusion, norm, act, padding) for node in nodes)
         self._levels = [node.level - min_level for node in nodes]  # index of each node's level
@@ -170,7 +177,8 @@ class BiFPNCell(nn.Module):
         last = {}
         for i, node in enumerate(nodes):
             last[node.level] = count + i
-        self._outputs = [last[level] for level in range(min_level, max_level + 1)]
+        levels = [min_level] if finest_only else range(min_level, max_level + 1)
+        self._outputs = [last[level] for level in levels]
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         maps = list(maps)
@@ -189,11 +197,14 @@ class BiFPN(nn.Module):
     ``"sum"`` (unweighted, D6+); ``padding``: the max-pools' ``"symmetric"`` or TF ``"same"``
     padding (TF-ported weights); ``act``: ``"silu"`` (``"relu6"`` for the Lite models).
     BatchNorm ``norm_eps``/``norm_momentum`` default to TF's 1e-3 / 0.01 (PyTorch convention).
+    The levels may start below 3 (P2 from s4, P1 from s2: ``in_channels`` then lists those taps first).
+    ``finest_only``: the last cell keeps only its top-down nodes and ``forward`` returns ``[P_min]``
+    (the same tensor the full pyramid gives for that level).
     """
 
     def __init__(self, in_channels: Sequence[int], width: int, repeats: int, levels: Sequence[int] = range(3, 8),
                  fusion: str = "fast", padding: str = "symmetric", act: str = "silu", norm_eps: float = 1e-3,
-                 norm_momentum: float = 0.01):
+                 norm_momentum: float = 0.01, finest_only: bool = False):
         super().__init__()
         levels = tuple(levels)
         in_channels = tuple(int(c) for c in in_channels)
@@ -218,9 +229,10 @@ class BiFPN(nn.Module):
             self.extra.append(ExtraLevel(extra_in, width, norm, padding))
             extra_in = width
         first = list(in_channels) + [width] * len(self.extra)
+        self.finest_only = finest_only
         self.cells = nn.ModuleList(
             BiFPNCell(first if r == 0 else [width] * len(levels), width, levels[0], levels[-1], fusion, norm, act,
-                      padding)
+                      padding, finest_only=finest_only and r == repeats - 1)
             for r in range(repeats))
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:

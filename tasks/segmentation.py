@@ -1,8 +1,10 @@
-"""Semantic segmentation: EfficientNet backbone + U-Net decoder, losses, sliding-window/TTA inference.
+"""Semantic segmentation: EfficientNet backbone + U-Net or BiFPN head, losses, sliding-window/TTA inference.
 
 ``build_segmenter`` returns the network as ``smp.Unet`` does: float normalised images (N, 3, H, W) in,
 logits (N, classes, H, W) out -- ``(logits, aux_logits)`` when the auxiliary head is on. It loads our
-own files and state dicts saved from smp's ``Unet`` (``tasks.segmentation_smp``).
+own files and, for the U-Net head, state dicts saved from smp's ``Unet`` (``tasks.segmentation_smp``).
+``head="bifpn"`` puts EfficientDet's BiFPN over P2..P7 with a classifier on P2 in place of the U-Net
+(``heads.bifpn_seg``).
 
 ``SegmentationTask`` is the engine's task protocol around it: uint8 images in, normalised on the
 device; train mode ``forward(images, targets)`` returns the named loss terms
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -24,7 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import backbones
+from backbones.errors import WeightsError
 from backbones.weights import load_state, load_weights, read_state_dict
+from heads.bifpn_seg import (DEFAULT_LEVELS, TAP_LEVELS, BiFPNSegDecoder, BiFPNSegHead, backbone_taps, check_levels,
+                             levels_for_crop)
 from heads.unet import AuxClassificationHead, SegmentationHead, UNetDecoder
 
 from .segmentation_eval import SegmentationEvaluator
@@ -36,13 +42,21 @@ __all__ = ["Segmenter", "build_segmenter", "SegmentationTask", "slide_logits", "
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INFERENCE_MODES = ("whole", "slide")
+HEADS = ("unet", "bifpn")
+UNET_DEFAULTS = dict(decoder_channels=(256, 128, 64, 32, 16), attention=None, decoder_norm="batchnorm",
+                     upsampling="nearest", encoder_depth=5)
 
 
 class Segmenter(nn.Module):
-    """``backbone`` taps -> ``decoder`` -> ``head`` logits at the input size (+ ``aux_head`` on the deepest tap)."""
+    """``backbone`` taps -> ``decoder`` -> ``head`` logits at the input size (+ ``aux_head`` on the deepest tap).
 
-    def __init__(self, backbone: backbones.EfficientNet, decoder: UNetDecoder, head: SegmentationHead,
-                 aux_head: AuxClassificationHead | None = None):
+    ``decoder``/``head``: ``UNetDecoder`` + ``SegmentationHead`` (logits at the input size), or
+    ``BiFPNSegDecoder`` + ``BiFPNSegHead`` (logits at the finest level's stride, resized bilinearly
+    to the input size here).
+    """
+
+    def __init__(self, backbone: backbones.EfficientNet, decoder: UNetDecoder | BiFPNSegDecoder,
+                 head: SegmentationHead | BiFPNSegHead, aux_head: AuxClassificationHead | None = None):
         super().__init__()
         self.backbone, self.decoder, self.head, self.aux_head = backbone, decoder, head, aux_head
 
@@ -50,9 +64,16 @@ class Segmenter(nn.Module):
     def num_classes(self) -> int:
         return self.head.num_classes
 
+    @property
+    def head_kind(self) -> str:
+        """``"unet"`` or ``"bifpn"``."""
+        return "bifpn" if isinstance(self.decoder, BiFPNSegDecoder) else "unet"
+
     def forward(self, x: torch.Tensor):
         taps = list(self.backbone(x).values())
         logits = self.head(self.decoder(taps, x.shape[-2:]))
+        if logits.shape[-2:] != x.shape[-2:]:  # a head that classifies at a coarser stride (BiFPN: P2)
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.aux_head is None:
             return logits
         return logits, self.aux_head(taps[-1])
@@ -63,8 +84,22 @@ def build_segmenter(backbone: str = "efficientnet-b0", num_classes: int = 19, we
                     decoder_norm: str = "batchnorm", upsampling: str = "nearest", encoder_depth: int = 5,
                     aux_classes: int | None = None, aux_dropout: float = 0.2, aux_pooling: str = "avg",
                     flavour: str | None = None, backbone_weights: str | os.PathLike | None = None,
+                    head: str = "unet", bifpn_width: int | None = None, bifpn_repeats: int | None = None,
+                    bifpn_levels: Sequence[int] | None = None, bifpn_fusion: str | None = None,
+                    bifpn_head_depth: int | None = None, bifpn_refine: bool | None = None,
                     **backbone_options) -> Segmenter:
-    """Backbone ``backbone`` (a ``backbones.create`` name; ``phi=`` with ``"efficientnet"``) + U-Net.
+    """Backbone ``backbone`` (a ``backbones.create`` name; ``phi=`` with ``"efficientnet"``) + U-Net or BiFPN.
+
+    ``head``: ``"unet"`` (default; the U-Net options below) or ``"bifpn"`` (``heads.bifpn_seg``):
+    ``bifpn_width``/``bifpn_repeats`` BiFPN channels and cells (None: the EfficientDet row of the same
+    scale, ``efficientnet-bN`` -> DN, ``"efficientnet"`` with ``phi`` -> the paper's rule; other
+    backbones need both), ``bifpn_levels`` (None: P2..P7), ``bifpn_fusion`` (None: ``"fast"``),
+    ``bifpn_head_depth`` separable convs of the classifier (None: 2), ``bifpn_refine`` (None: on from
+    P2 up) joins the next finer tap (s2 for P2) before the classifier, which then runs at stride 2;
+    ``False`` is the paper's head (classifier on P2 at stride 4). The U-Net-only options
+    (``decoder_channels``, ``attention``, ``decoder_norm``, ``upsampling``, ``encoder_depth``) must stay
+    at their defaults with the BiFPN, ``output_stride`` must be 32, and smp flavours/checkpoints do not
+    apply to it; ``bifpn_*`` options need ``head="bifpn"``.
 
     ``weights``: a whole-model file -- ours (safetensors or state dict of ``Segmenter`` or of the task
     module), or a state dict saved from ``smp.Unet("efficientnet-bN" | "timm-efficientnet-bN" |
@@ -80,13 +115,25 @@ def build_segmenter(backbone: str = "efficientnet-b0", num_classes: int = 19, we
     """
     from . import segmentation_smp as smp_interop
 
+    bifpn = dict(width=bifpn_width, repeats=bifpn_repeats, levels=bifpn_levels, fusion=bifpn_fusion,
+                 head_depth=bifpn_head_depth, refine=bifpn_refine)
+    if head == "bifpn":
+        unet = dict(decoder_channels=tuple(decoder_channels), attention=attention, decoder_norm=decoder_norm,
+                    upsampling=upsampling, encoder_depth=encoder_depth)
+        return _build_bifpn_segmenter(backbone, num_classes, weights, bifpn, unet, aux_classes, aux_dropout,
+                                      aux_pooling, flavour, backbone_weights, backbone_options)
+    if head != "unet":
+        raise ValueError(f"head={head!r} is not one of {', '.join(HEADS)}")
+    given = [f"bifpn_{key}" for key, value in bifpn.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} set with head='unet'; expected head='bifpn' for BiFPN options")
     state, label = None, None
     if weights is not None:
         label = os.fspath(weights)
         state = read_state_dict(label)
         found = smp_interop.detect_flavour(state, label)
         if found is not None and flavour is not None and flavour != found:
-            raise ValueError(f"{label}: an smp checkpoint of flavour {found!r}, but flavour={flavour!r} was asked; "
+            raise WeightsError(f"{label}: an smp checkpoint of flavour {found!r}, but flavour={flavour!r} was asked; "
                              f"drop flavour or pass flavour={found!r}")
         flavour = found or flavour
     flavour = flavour or "effdense"
@@ -108,10 +155,75 @@ def build_segmenter(backbone: str = "efficientnet-b0", num_classes: int = 19, we
     return model
 
 
+def _bifpn_size(backbone: str, options: Mapping) -> tuple[int, int]:
+    """(width, repeats) of the EfficientDet row at the backbone's scale (``heads.efficientdet_preset``)."""
+    from heads.efficientdet import efficientdet_preset
+
+    match = re.fullmatch(r"efficientnet-b([0-7])", backbone)
+    if match:
+        row = efficientdet_preset(int(match[1]))
+    elif backbone == "efficientnet" and options.get("phi") is not None:
+        row = efficientdet_preset(float(options["phi"]))
+    else:
+        raise ValueError(f"head='bifpn' on backbone {backbone!r}: no EfficientDet row to size the BiFPN from; "
+                         f"expected bifpn_width and bifpn_repeats (or an efficientnet-b0..b7 / efficientnet+phi "
+                         f"backbone)")
+    return row.width, row.repeats
+
+
+def _build_bifpn_segmenter(backbone: str, num_classes: int, weights, bifpn: dict, unet: dict, aux_classes,
+                           aux_dropout, aux_pooling, flavour, backbone_weights, backbone_options: dict) -> Segmenter:
+    """``build_segmenter(head="bifpn")``: the backbone taps the levels need + BiFPN decoder + classifier."""
+    from . import segmentation_smp as smp_interop
+
+    if flavour not in (None, "effdense"):
+        raise ValueError(f"flavour={flavour!r} is an smp U-Net layout; head='bifpn' has none -- drop flavour or "
+                         f"use head='unet'")
+    changed = [key for key, value in unet.items() if value != UNET_DEFAULTS[key]]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} set with head='bifpn'; these are U-Net options, expected their "
+                         f"defaults (or head='unet')")
+    if backbone_options.get("output_stride", 32) != 32:
+        raise ValueError(f"output_stride={backbone_options['output_stride']} with head='bifpn'; expected 32 (the "
+                         f"pyramid takes the strided taps; dilation has no place in it)")
+    state = label = None
+    if weights is not None:  # read before building: a bad file fails fast
+        label = os.fspath(weights)
+        state = read_state_dict(label)
+    levels = check_levels(bifpn["levels"] if bifpn["levels"] is not None else DEFAULT_LEVELS)
+    refine = levels[0] > 1 if bifpn["refine"] is None else bool(bifpn["refine"])
+    names = backbone_taps(levels, refine)
+    width, repeats = bifpn["width"], bifpn["repeats"]
+    if width is None or repeats is None:
+        row_width, row_repeats = _bifpn_size(backbone, backbone_options)
+        width = row_width if width is None else width
+        repeats = row_repeats if repeats is None else repeats
+    net = backbones.create(backbone, out_indices=tuple(TAP_LEVELS[name] - 1 for name in names), **backbone_options)
+    # The pyramid and classifier take the backbone's BatchNorm (B0-B4: PyTorch's 1e-5 / 0.1; TF's 1e-3 / 0.01 for
+    # B5+): with TF's 0.01 momentum, a short run evaluates on running statistics that have barely moved.
+    bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    norm = dict(norm_eps=bn.eps, norm_momentum=bn.momentum)
+    decoder = BiFPNSegDecoder.for_backbone(net, width, repeats, levels, refine=refine,
+                                           fusion=bifpn["fusion"] or "fast", padding=net.padding, **norm)
+    head = BiFPNSegHead(decoder.out_channels, num_classes, depth=2 if bifpn["head_depth"] is None else
+                        bifpn["head_depth"], **norm)
+    aux = None if aux_classes is None else AuxClassificationHead(net.feature_info[-1].channels, aux_classes,
+                                                                 pooling=aux_pooling, dropout=aux_dropout)
+    model = Segmenter(net, decoder, head, aux)
+    if backbone_weights is not None:
+        load_weights(model.backbone, backbone_weights)
+    if state is not None:
+        _load_whole(model, state, label, smp_interop.detect_flavour(state, label))
+    return model
+
+
 def _load_whole(model: Segmenter, state: dict, label: str, smp_flavour: str | None) -> None:
     """Load a whole-model state dict strictly (the encoder through ``backbones.weights``)."""
     from . import segmentation_smp as smp_interop
 
+    if smp_flavour and model.head_kind == "bifpn":
+        raise WeightsError(f"{label}: an smp Unet checkpoint, which does not fit head='bifpn'; expected a BiFPN "
+                           f"segmenter saved by effdense (or head='unet')")
     if smp_flavour:
         encoder, rest, dropped, unexpected = smp_interop.split_smp_state(state, len(model.decoder.blocks))
     else:
@@ -119,7 +231,7 @@ def _load_whole(model: Segmenter, state: dict, label: str, smp_flavour: str | No
         rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
         dropped, unexpected = [], []
         if not encoder:
-            raise ValueError(f"{label}: no backbone.* or smp encoder.* tensors (first keys: {', '.join(list(state)[:3])}); "
+            raise WeightsError(f"{label}: no backbone.* or smp encoder.* tensors (first keys: {', '.join(list(state)[:3])}); "
                              f"expected a whole segmentation model -- for a classifier or backbone file use "
                              f"backbone_weights")
     load_state(model.backbone, encoder, label)
@@ -141,7 +253,11 @@ def _load_whole(model: Segmenter, state: dict, label: str, smp_flavour: str | No
         parts = [f"{len(missing)} missing ({_preview(missing)})", f"{len(unexpected)} unexpected ({_preview(unexpected)})"]
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches ({_preview(shapes)})")
-        raise ValueError(f"{label}: the decoder/heads do not fit this U-Net: {'; '.join(parts)}; expected the same "
+        if model.head_kind == "bifpn":
+            raise WeightsError(f"{label}: the decoder/heads do not fit this BiFPN segmenter: {'; '.join(parts)}; "
+                               f"expected the same bifpn_width, bifpn_repeats, bifpn_levels, bifpn_fusion, "
+                               f"bifpn_head_depth, bifpn_refine and aux head as when it was saved")
+        raise WeightsError(f"{label}: the decoder/heads do not fit this U-Net: {'; '.join(parts)}; expected the same "
                          f"decoder_channels, attention, decoder_norm, encoder_depth and aux head as when it was saved")
     model.load_state_dict({**model.state_dict(), **new})
     if fresh:
@@ -262,6 +378,15 @@ class SegmentationTask(nn.Module):
                 passes += 1
         return total if passes == 1 else total / passes
 
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """A whole-model file into ``net``, strictly: ours (``last.pt``: its EMA weights when it has them,
+        ``model.safetensors``) or an smp ``Unet`` state dict of the flavour ``net`` was built with."""
+        from . import segmentation_smp as smp_interop
+
+        label = os.fspath(path)
+        state = read_state_dict(label)
+        _load_whole(self.net, state, label, smp_interop.detect_flavour(state, label))
+
     def make_evaluator(self) -> SegmentationEvaluator:
         return SegmentationEvaluator(self.num_classes, self.class_names, self.ignore_index, self.categories,
                                      device=self.pixel_mean.device)
@@ -308,6 +433,29 @@ def dataset_classes(cfg) -> tuple[list[str], list | None]:
     return list(names), None
 
 
+def _head_options(cfg) -> dict:
+    """``build_segmenter``'s head arguments from ``model.segmentation`` (empty for the U-Net).
+
+    LEAD: the config keys for the BiFPN head map here -- ``head: unet|bifpn`` -> ``head``,
+    ``bifpn_width``/``bifpn_repeats`` (null: the EfficientDet row of the backbone's scale, see
+    ``build_segmenter``) -> ``bifpn_width``/``bifpn_repeats``; ``bifpn_levels`` (null: P2 .. the
+    highest level still >= 4 px at the training crop, ``heads.bifpn_seg.levels_for_crop``: P2..P7 from
+    512 up, P2..P5 for the 128 px demo) -> ``bifpn_levels``; optional: ``bifpn_fusion``,
+    ``bifpn_head_depth``, ``bifpn_refine`` (null each: the builder's default). Read with defaults
+    until the schema has them.
+    """
+    from .config import resolve_image_size
+
+    head = cfg.model.segmentation
+    if getattr(head, "head", "unet") != "bifpn":
+        return {}
+    keys = ("bifpn_width", "bifpn_repeats", "bifpn_levels", "bifpn_fusion", "bifpn_head_depth", "bifpn_refine")
+    options = {"head": "bifpn", **{key: getattr(head, key, None) for key in keys}}
+    if options["bifpn_levels"] is None:
+        options["bifpn_levels"] = levels_for_crop(resolve_image_size(cfg))
+    return options
+
+
 def build_model(cfg) -> SegmentationTask:
     """The segmentation task module a ``tasks.config.SegmentationConfig`` describes."""
     from .schema import backbone_spec
@@ -326,7 +474,7 @@ def build_model(cfg) -> SegmentationTask:
                           attention=head.attention, decoder_norm=head.norm, upsampling=head.upsampling,
                           aux_classes=m.num_classes if head.aux_head else None, aux_dropout=head.aux_dropout,
                           flavour=head.flavour, backbone_weights=m.backbone_weights, drop_path=m.drop_path,
-                          output_stride=head.output_stride, **options)
+                          output_stride=head.output_stride, **_head_options(cfg), **options)
     terms = {term: getattr(loss, term) for term in ("cross_entropy", "dice", "lovasz", "focal") if getattr(loss, term)}
     criterion = SegmentationLoss(m.num_classes, losses=terms, ignore_index=cfg.data.ignore_index,
                                  class_weights=loss.class_weights, ohem_thresh=loss.ohem_thresh if loss.ohem else None,
