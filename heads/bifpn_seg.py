@@ -12,11 +12,13 @@ classifier on P2; ESeg (Meng et al. 2022) widens the level range. Here:
   and parameter layout; it is level-generic, so P1/P2 need no change to it), built with
   ``finest_only``: only the finest level is read, so the last cell keeps its top-down nodes alone
   (the bottom-up ones would be parameters without gradients, which DDP rejects).
-- Refinement (on by default from P2 up; ``refine_channels`` / ``refine``): the finest fused level is
-  upsampled (bilinear) to the next finer tap (s2 for P2) and added to a 1x1 conv + BN of that tap,
-  then SiLU -> separable 3x3 conv -> BN -> SiLU; the classifier runs at that finer stride. On the
-  128x128 CPU demo the paper's head (classifier on P2, stride 4) trailed the U-Net by ~0.2 mIoU over
-  five runs (median 0.74 vs 0.92; vegetation and cars suffered); refined, it matched it (0.93).
+- Refinement (on by default from P2 up; ``refine_channels`` / ``refine``): the finest fused level
+  (reduced by a 1x1 conv + BN when ``refine_width`` is narrower than the width) is upsampled
+  (bilinear) to the next finer tap (s2 for P2) and added to a 1x1 conv + BN of that tap, then SiLU ->
+  separable 3x3 conv -> BN -> SiLU; the classifier runs at that finer stride. On the
+  128x128 CPU demo the paper's head (classifier on P2, stride 4) trailed the U-Net by ~0.2 mIoU
+  (median of five runs 0.74 vs 0.92; vegetation and cars suffered); refined at the full width it
+  matched it (median of ten 0.933 vs 0.937), at half the width it did not (0.860).
 - :class:`BiFPNSegHead`: ``depth`` x (separable 3x3 conv -> BN -> SiLU), a 1x1 conv to the class
   logits, then bilinear upsampling (``align_corners=False``) to the output size.
 
@@ -102,16 +104,17 @@ class BiFPNSegDecoder(nn.Module):
     coefficient's rule is the caller's: W = 64 * 1.35^phi, D = 3 + phi). ``fusion``: ``fast``,
     ``softmax`` or ``sum``; ``padding``/``act``/``norm_eps``/``norm_momentum`` as :class:`BiFPN`.
     ``refine_channels``: ``None`` (off), or the channels of the tap one level finer than ``levels[0]``
-    (s2 for P2): the output is then at that finer stride (see the module docstring).
+    (s2 for P2): the output is then at that finer stride with ``refine_width`` channels (None: the
+    width; a narrower one cuts the stride-2 cost, see the module docstring).
 
     ``forward(features, output_size=None)``: ``features`` as ``in_channels`` (plus, with refinement,
-    the finer tap *first*); returns ``(N, width, h, w)`` at stride ``2**out_level``. ``output_size``
-    is accepted for the U-Net decoder's call signature and not used.
+    the finer tap *first*); returns ``(N, out_channels, h, w)`` at stride ``out_stride``.
+    ``output_size`` is accepted for the U-Net decoder's call signature and not used.
     """
 
     def __init__(self, in_channels: Sequence[int], width: int, repeats: int, levels: Sequence[int] = DEFAULT_LEVELS,
                  fusion: str = "fast", padding: str = "symmetric", act: str = "silu", norm_eps: float = 1e-3,
-                 norm_momentum: float = 0.01, refine_channels: int | None = None):
+                 norm_momentum: float = 0.01, refine_channels: int | None = None, refine_width: int | None = None):
         super().__init__()
         levels = check_levels(levels)
         in_channels = [int(c) for c in in_channels]
@@ -119,6 +122,9 @@ class BiFPNSegDecoder(nn.Module):
         if len(in_channels) != expected:
             raise ValueError(f"BiFPNSegDecoder levels P{levels[0]}..P{levels[-1]} need {expected} tap channels "
                              f"({', '.join(tap_names(levels))}), got {in_channels}")
+        if refine_width is not None and refine_channels is None:
+            raise ValueError(f"BiFPNSegDecoder refine_width={refine_width} without refinement; expected "
+                             f"refine_channels (the finer tap's channels) too, or no refine_width")
         if refine_channels is not None and levels[0] == 1:
             raise ValueError("BiFPN segmentation refinement needs a tap finer than the first level; levels start "
                              "at P1 (s2), which has none -- drop refine or start at P2")
@@ -128,10 +134,11 @@ class BiFPNSegDecoder(nn.Module):
         self.levels, self.width, self.repeats, self.fusion = levels, width, repeats, fusion
         self.in_channels = tuple(in_channels)
         self.refine = None
+        self.out_channels = width
         if refine_channels is not None:
             norm = partial(nn.BatchNorm2d, eps=norm_eps, momentum=norm_momentum)
-            self.refine = _Refine(int(refine_channels), width, norm, act)
-        self.out_channels = width
+            self.out_channels = width if refine_width is None else int(refine_width)
+            self.refine = _Refine(int(refine_channels), width, self.out_channels, norm, act)
         self.out_level = levels[0] - (1 if self.refine is not None else 0)
         self.out_stride = 2 ** self.out_level
         init_bifpn(self)
@@ -175,17 +182,21 @@ class BiFPNSegDecoder(nn.Module):
 
 
 class _Refine(nn.Module):
-    """Finest fused level, upsampled (bilinear) to the finer tap's size, + 1x1 conv + BN of that tap;
-    then SiLU -> separable 3x3 conv -> BN -> SiLU."""
+    """Finest fused level -> 1x1 conv + BN to ``out_width`` (when it differs from ``width``), upsampled
+    (bilinear) to the finer tap's size, + 1x1 conv + BN of that tap; then SiLU -> separable 3x3 conv ->
+    BN -> SiLU."""
 
-    def __init__(self, skip_channels: int, width: int, norm, act: str):
+    def __init__(self, skip_channels: int, width: int, out_width: int, norm, act: str):
         super().__init__()
-        self.skip = ConvBN(skip_channels, width, norm)
+        self.reduce = ConvBN(width, out_width, norm) if out_width != width else None
+        self.skip = ConvBN(skip_channels, out_width, norm)
         self.act = ACTIVATIONS[act]()
-        self.conv = SeparableConv2d(width, width)
-        self.bn = norm(width)
+        self.conv = SeparableConv2d(out_width, out_width)
+        self.bn = norm(out_width)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if self.reduce is not None:
+            x = self.reduce(x)  # at the coarser stride: 4x cheaper than after upsampling, the same numbers
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False) + self.skip(skip)
         return self.act(self.bn(self.conv(self.act(x))))
 

@@ -87,7 +87,7 @@ def build_segmenter(backbone: str = "efficientnet-b0", num_classes: int = 19, we
                     head: str = "unet", bifpn_width: int | None = None, bifpn_repeats: int | None = None,
                     bifpn_levels: Sequence[int] | None = None, bifpn_fusion: str | None = None,
                     bifpn_head_depth: int | None = None, bifpn_refine: bool | None = None,
-                    **backbone_options) -> Segmenter:
+                    bifpn_refine_width: int | None = None, **backbone_options) -> Segmenter:
     """Backbone ``backbone`` (a ``backbones.create`` name; ``phi=`` with ``"efficientnet"``) + U-Net or BiFPN.
 
     ``head``: ``"unet"`` (default; the U-Net options below) or ``"bifpn"`` (``heads.bifpn_seg``):
@@ -95,8 +95,9 @@ def build_segmenter(backbone: str = "efficientnet-b0", num_classes: int = 19, we
     scale, ``efficientnet-bN`` -> DN, ``"efficientnet"`` with ``phi`` -> the paper's rule; other
     backbones need both), ``bifpn_levels`` (None: P2..P7), ``bifpn_fusion`` (None: ``"fast"``),
     ``bifpn_head_depth`` separable convs of the classifier (None: 2), ``bifpn_refine`` (None: on from
-    P2 up) joins the next finer tap (s2 for P2) before the classifier, which then runs at stride 2;
-    ``False`` is the paper's head (classifier on P2 at stride 4). The U-Net-only options
+    P2 up) joins the next finer tap (s2 for P2) before the classifier, which then runs at stride 2 with
+    ``bifpn_refine_width`` channels (None: the BiFPN width); ``False`` is the paper's head
+    (classifier on P2 at stride 4). The U-Net-only options
     (``decoder_channels``, ``attention``, ``decoder_norm``, ``upsampling``, ``encoder_depth``) must stay
     at their defaults with the BiFPN, ``output_stride`` must be 32, and smp flavours/checkpoints do not
     apply to it; ``bifpn_*`` options need ``head="bifpn"``.
@@ -116,7 +117,7 @@ def build_segmenter(backbone: str = "efficientnet-b0", num_classes: int = 19, we
     from . import segmentation_smp as smp_interop
 
     bifpn = dict(width=bifpn_width, repeats=bifpn_repeats, levels=bifpn_levels, fusion=bifpn_fusion,
-                 head_depth=bifpn_head_depth, refine=bifpn_refine)
+                 head_depth=bifpn_head_depth, refine=bifpn_refine, refine_width=bifpn_refine_width)
     if head == "bifpn":
         unet = dict(decoder_channels=tuple(decoder_channels), attention=attention, decoder_norm=decoder_norm,
                     upsampling=upsampling, encoder_depth=encoder_depth)
@@ -203,8 +204,8 @@ def _build_bifpn_segmenter(backbone: str, num_classes: int, weights, bifpn: dict
     # B5+): with TF's 0.01 momentum, a short run evaluates on running statistics that have barely moved.
     bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
     norm = dict(norm_eps=bn.eps, norm_momentum=bn.momentum)
-    decoder = BiFPNSegDecoder.for_backbone(net, width, repeats, levels, refine=refine,
-                                           fusion=bifpn["fusion"] or "fast", padding=net.padding, **norm)
+    decoder = BiFPNSegDecoder.for_backbone(net, width, repeats, levels, refine=refine, fusion=bifpn["fusion"] or "fast",
+                                           refine_width=bifpn["refine_width"], padding=net.padding, **norm)
     head = BiFPNSegHead(decoder.out_channels, num_classes, depth=2 if bifpn["head_depth"] is None else
                         bifpn["head_depth"], **norm)
     aux = None if aux_classes is None else AuxClassificationHead(net.feature_info[-1].channels, aux_classes,
@@ -256,7 +257,7 @@ def _load_whole(model: Segmenter, state: dict, label: str, smp_flavour: str | No
         if model.head_kind == "bifpn":
             raise WeightsError(f"{label}: the decoder/heads do not fit this BiFPN segmenter: {'; '.join(parts)}; "
                                f"expected the same bifpn_width, bifpn_repeats, bifpn_levels, bifpn_fusion, "
-                               f"bifpn_head_depth, bifpn_refine and aux head as when it was saved")
+                               f"bifpn_head_depth, bifpn_refine(_width) and aux head as when it was saved")
         raise WeightsError(f"{label}: the decoder/heads do not fit this U-Net: {'; '.join(parts)}; expected the same "
                          f"decoder_channels, attention, decoder_norm, encoder_depth and aux head as when it was saved")
     model.load_state_dict({**model.state_dict(), **new})
@@ -441,15 +442,16 @@ def _head_options(cfg) -> dict:
     ``build_segmenter``) -> ``bifpn_width``/``bifpn_repeats``; ``bifpn_levels`` (null: P2 .. the
     highest level still >= 4 px at the training crop, ``heads.bifpn_seg.levels_for_crop``: P2..P7 from
     512 up, P2..P5 for the 128 px demo) -> ``bifpn_levels``; optional: ``bifpn_fusion``,
-    ``bifpn_head_depth``, ``bifpn_refine`` (null each: the builder's default). Read with defaults
-    until the schema has them.
+    ``bifpn_head_depth``, ``bifpn_refine``, ``bifpn_refine_width`` (null each: the builder's default).
+    Read with defaults until the schema has them.
     """
     from .config import resolve_image_size
 
     head = cfg.model.segmentation
     if getattr(head, "head", "unet") != "bifpn":
         return {}
-    keys = ("bifpn_width", "bifpn_repeats", "bifpn_levels", "bifpn_fusion", "bifpn_head_depth", "bifpn_refine")
+    keys = ("bifpn_width", "bifpn_repeats", "bifpn_levels", "bifpn_fusion", "bifpn_head_depth", "bifpn_refine",
+            "bifpn_refine_width")
     options = {"head": "bifpn", **{key: getattr(head, key, None) for key in keys}}
     if options["bifpn_levels"] is None:
         options["bifpn_levels"] = levels_for_crop(resolve_image_size(cfg))

@@ -1,13 +1,19 @@
-"""Time our U-Net B0 against smp's ``Unet("efficientnet-b0")`` and ``Unet("tu-efficientnet_b0")``.
+"""Time our U-Net B0 against smp's ``Unet("efficientnet-b0")`` and ``Unet("tu-efficientnet_b0")``, and
+our BiFPN segmentation head beside our U-Net at the same backbone.
 
     python tools/bench_segmentation.py                  # CPU here; on a GPU also AMP bf16 + channels_last
     python tools/bench_segmentation.py --rounds 1       # a quick check that it runs
+    python tools/bench_segmentation.py --backbone efficientnet-b3 --no-peers   # U-Net vs BiFPN at B3
 
-Same decoder on all three (smp's defaults: channels 256..16, batchnorm, nearest), same process and
-device: one training step (forward, cross-entropy, backward, SGD) at batch 2, 512x512, and
-inference (eval, no grad) at batch 1, 1024x2048. Rounds are interleaved and alternate the order of
-the models; each round times every model once, and the result is the median over rounds of the
-per-round ratio ours/peer (>1 means we are faster). Nothing downloads (encoder_weights=None).
+Same decoder on the three U-Nets (smp's defaults: channels 256..16, batchnorm, nearest); the BiFPN
+head (``build_segmenter(head="bifpn")``) has the EfficientDet row's width and repeats at the
+backbone's scale (B0: 64 x 3), levels P2..P7. Same process and device: one training step (forward,
+cross-entropy, backward, SGD) at batch 2, 512x512, and inference (eval, no grad) at batch 1,
+1024x2048. Rounds are interleaved and alternate the order of the models; each round times every
+model once, and the result is the median over rounds of the per-round ratio ours/peer (>1 means our
+U-Net is faster; for the BiFPN row: its time over our U-Net's, >1 means the BiFPN head is slower).
+On CUDA each model's peak memory of its warm-up step is reported too. Nothing downloads
+(encoder_weights=None).
 """
 
 from __future__ import annotations
@@ -19,20 +25,29 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.segmentation import build_segmenter  # noqa: E402
 
-PEERS = {"smp efficientnet-b0": "efficientnet-b0", "smp tu-efficientnet_b0": "tu-efficientnet_b0"}
+REFERENCE, BIFPN = "effdense unet", "effdense bifpn"  # our U-Net (the reference of every ratio), our BiFPN head
 
 
-def build_models(classes: int) -> dict[str, torch.nn.Module]:
-    import segmentation_models_pytorch as smp
+def peers(backbone: str) -> dict[str, str]:
+    """smp's U-Net encoders of the same scale: EfficientNet-PyTorch's and timm's through ``tu-``."""
+    scale = backbone.removeprefix("efficientnet-")
+    return {f"smp efficientnet-{scale}": f"efficientnet-{scale}",
+            f"smp tu-efficientnet_{scale}": f"tu-efficientnet_{scale}"}
 
-    models = {"effdense": build_segmenter("efficientnet-b0", classes)}
-    for label, encoder in PEERS.items():
-        models[label] = smp.Unet(encoder, encoder_weights=None, classes=classes)
+
+def build_models(classes: int, backbone: str = "efficientnet-b0", with_peers: bool = True) -> dict[str, nn.Module]:
+    models = {REFERENCE: build_segmenter(backbone, classes), BIFPN: build_segmenter(backbone, classes, head="bifpn")}
+    if with_peers:
+        import segmentation_models_pytorch as smp
+
+        for label, encoder in peers(backbone).items():
+            models[label] = smp.Unet(encoder, encoder_weights=None, classes=classes)
     return models
 
 
@@ -90,16 +105,21 @@ def bench(models, device, mode, batch, size, amp, channels_last, rounds, classes
 
 def report(title, times, peaks, batch):
     print(f"\n{title}")
-    ours = times["effdense"]
+    ours = times[REFERENCE]
     for name, values in times.items():
         line = f"  {name:<24} {batch / statistics.median(values):9.2f} img/s"
-        if name != "effdense":
+        if name == BIFPN:
+            ratios = [b / a for a, b in zip(ours, values)]  # per round: BiFPN time / U-Net time
+            line += f"   bifpn/unet time {statistics.median(ratios):.3f}x (median of {len(ratios)} rounds)"
+        elif name != REFERENCE:
             ratios = [b / a for a, b in zip(ours, values)]  # per round: peer time / our time
             line += f"   ours/peer {statistics.median(ratios):.3f}x (median of {len(ratios)} rounds)"
         if name in peaks:
             line += f"   peak {peaks[name]:8.0f} MiB"
-            if name != "effdense":
-                line += f" (ours/peer {peaks['effdense'] / peaks[name]:.2f}x)"
+            if name == BIFPN:
+                line += f" (bifpn/unet {peaks[name] / peaks[REFERENCE]:.2f}x)"
+            elif name != REFERENCE:
+                line += f" (ours/peer {peaks[REFERENCE] / peaks[name]:.2f}x)"
         print(line)
 
 
@@ -113,11 +133,13 @@ def main(argv=None) -> None:
     parser.add_argument("--infer-batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-cpu", action="store_true", help="only the CUDA rows (when a GPU exists)")
+    parser.add_argument("--backbone", default="efficientnet-b0", help="efficientnet-b0 .. -b7 (both heads and peers)")
+    parser.add_argument("--no-peers", action="store_true", help="only our U-Net and BiFPN heads (no smp)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = build_models(args.classes)
+    models = build_models(args.classes, args.backbone, not args.no_peers)
     configs = [] if args.no_cpu else [(torch.device("cpu"), False, False)]
     if torch.cuda.is_available():
         configs += [(torch.device("cuda"), False, False), (torch.device("cuda"), True, True)]

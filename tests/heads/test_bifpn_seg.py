@@ -146,6 +146,17 @@ def test_gradients_reach_every_parameter(refine):
     assert (net.decoder.out_stride, net.decoder.refine is not None) == ((2, True) if refine else (4, False))
 
 
+def test_narrower_refinement():
+    torch.manual_seed(0)
+    net = build_segmenter("efficientnet-b0", 3, head="bifpn", bifpn_width=32, bifpn_repeats=1, bifpn_refine_width=16)
+    assert net.decoder.out_channels == 16 and net.head.classifier.in_channels == 16
+    assert net.decoder.refine.reduce is not None  # 32 -> 16 at stride 4, before upsampling
+    with torch.no_grad():
+        assert net.eval()(torch.randn(1, 3, 50, 70)).shape == (1, 3, 50, 70)
+    with pytest.raises(ValueError, match="bifpn_refine_width set with head='unet'"):
+        build_segmenter("efficientnet-b0", 3, bifpn_refine_width=16)
+
+
 @pytest.mark.parametrize("fusion", ["fast", "softmax", "sum"])
 def test_fusion_modes(fusion):
     torch.manual_seed(0)
@@ -222,6 +233,8 @@ def test_bad_arguments_are_one_line_errors():
         build_segmenter("efficientnetv2-s", 3, head="bifpn")
     with pytest.raises(ValueError, match="need 3 tap channels"):
         BiFPNSegDecoder([40, 112], 16, 1, levels=range(3, 8))
+    with pytest.raises(ValueError, match="refine_width=32 without refinement"):
+        BiFPNSegDecoder([40, 112, 320], 16, 1, levels=range(3, 8), refine_width=32)
     with pytest.raises(ValueError, match="num_classes"):
         BiFPNSegHead(16, 0)
 
@@ -252,4 +265,5 @@ def test_levels_follow_the_training_crop_in_build_model():
         task = build_model(cfg)
     decoder = task.net.decoder
     assert isinstance(decoder, BiFPNSegDecoder) and decoder.levels == (2, 3, 4, 5)  # the demo's 128x128 crops
-    assert (decoder.width, decoder.repeats, decoder.out_stride) == (64, 3, 2)
+    assert (decoder.width, decoder.repeats, decoder.out_stride, decoder.out_channels) == (64, 3, 2, 64)
+    assert decoder.refine.reduce is None and task.net.head.classifier.in_channels == 64
