@@ -35,17 +35,10 @@ def decoder_widths(channels: list[int], model_cfg) -> list[int]:
 
 def bifpn_size(model_cfg) -> tuple[int, int]:
     """(BiFPN width, repeats) for a segmentation BiFPN head: the D-row of the scale (D_n for B_n), or the
-    EfficientDet rule for a free phi."""
-    from heads import efficientdet_preset
+    EfficientDet rule for a free phi (``tasks.segmentation_bifpn.bifpn_size``)."""
+    from .segmentation_bifpn import bifpn_size as row_size
 
-    phi = _free_phi(model_cfg)
-    if phi is None:
-        name, _ = backbone_spec(model_cfg)
-        index = name.rsplit("-b", 1)[-1] if name.startswith("efficientnet-b") else "0"
-        preset = efficientdet_preset(int(index) if index.isdigit() and int(index) <= 7 else 7)
-    else:
-        preset = efficientdet_preset(phi)
-    return preset.width, preset.repeats
+    return row_size(*backbone_spec(model_cfg))
 
 
 def describe(cfg) -> dict:
@@ -76,9 +69,12 @@ def describe(cfg) -> dict:
         head = m.segmentation
         info["head"] = head.head
         if head.head == "bifpn":
-            width, repeats = bifpn_size(m)
-            info.update(bifpn_width=getattr(head, "bifpn_width", None) or width,
-                        bifpn_repeats=getattr(head, "bifpn_repeats", None) or repeats)
+            from heads.bifpn_seg import levels_for_crop
+
+            width, repeats = (head.bifpn_width, head.bifpn_repeats) if head.bifpn_width and head.bifpn_repeats \
+                else bifpn_size(m)
+            info.update(bifpn_width=head.bifpn_width or width, bifpn_repeats=head.bifpn_repeats or repeats,
+                        bifpn_levels=list(head.bifpn_levels or levels_for_crop(resolve_image_size(cfg))))
         else:
             info["decoder_channels"] = decoder_widths(head.decoder_channels, m)
     return info

@@ -105,7 +105,7 @@ class ClassificationModelConfig(ModelConfig):
 
 @dataclass
 class SegmentationHeadConfig:
-    head: str = choice("unet", "unet")
+    head: str = choice("unet", "unet", "bifpn")  # bifpn: EfficientDet's BiFPN over P2.. with a per-pixel classifier
     decoder_channels: list[int] = numbers([256, 128, 64, 32, 16], AT_LEAST_ONE, length=5)
     attention: Optional[str] = choice(None, None, "scse")
     norm: str = choice("batchnorm", "batchnorm", "identity")  # the decoder's norm
@@ -119,6 +119,15 @@ class SegmentationHeadConfig:
     # How model.weights was laid out when it came from smp: null = detected from its keys (a file we saved
     # from an smp model needs it again): effdense | smp (efficientnet-bN) | smp-timm | smp-tu
     flavour: Optional[str] = choice(None, None, "effdense", "smp", "smp-timm", "smp-tu")
+    # head: bifpn (null each: from the compound coefficient, i.e. the EfficientDet row of the scale, and the
+    # level range from the crop: P2 .. the highest level still >= 4 px, P2..P7 from 512 px up)
+    bifpn_width: Optional[int] = number(None, AT_LEAST_ONE)
+    bifpn_repeats: Optional[int] = number(None, AT_LEAST_ONE)
+    bifpn_levels: Optional[list[int]] = numbers(None, Range(1, 8))  # e.g. [2, 3, 4, 5, 6, 7]
+    bifpn_fusion: Optional[str] = choice(None, None, "fast", "softmax", "sum")
+    bifpn_head_depth: Optional[int] = number(None, AT_LEAST_ONE)  # separable convs before the classifier
+    bifpn_refine: Optional[bool] = None  # the s2 refinement stage (null: on)
+    bifpn_refine_width: Optional[int] = number(None, AT_LEAST_ONE)  # its channels (null: the BiFPN width)
 
 
 @dataclass
