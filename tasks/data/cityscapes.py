@@ -94,15 +94,18 @@ CATEGORIES: tuple[tuple[str, tuple[int, ...]], ...] = tuple(
 
 
 def _lookup_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    label_to_train = torch.full((256,), -1, dtype=torch.int64)  # -1: not a label id
+    # On the CPU whatever default device the importer has set (a model built under torch.device("meta")
+    # may import this module first).
+    cpu = torch.device("cpu")
+    label_to_train = torch.full((256,), -1, dtype=torch.int64, device=cpu)  # -1: not a label id
     for label in LABELS:
         if label.id >= 0:
             label_to_train[label.id] = label.train_id if label.train_id >= 0 else IGNORE
-    train_to_label = torch.zeros(256, dtype=torch.int64)  # ignore -> 0 (unlabeled)
+    train_to_label = torch.zeros(256, dtype=torch.int64, device=cpu)  # ignore -> 0 (unlabeled)
     for label in _TRAIN:
         train_to_label[label.train_id] = label.id
-    train_ids = torch.full((256,), -1, dtype=torch.int64)  # valid values of a labelTrainIds file
-    train_ids[:NUM_CLASSES] = torch.arange(NUM_CLASSES)
+    train_ids = torch.full((256,), -1, dtype=torch.int64, device=cpu)  # valid values of a labelTrainIds file
+    train_ids[:NUM_CLASSES] = torch.arange(NUM_CLASSES, device=cpu)
     train_ids[IGNORE] = IGNORE
     return label_to_train, train_to_label, train_ids
 
