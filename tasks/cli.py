@@ -239,14 +239,18 @@ def cmd_backbones(args) -> int:
 def cmd_budget(args) -> int:
     from .budget import run_command
 
-    cfg = _load_config(args)
-    if args.threads:
-        import torch
+    import torch
 
+    cfg = _load_config(args)
+    threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
-    run_command(cfg, latency_ms=args.latency_ms, memory_gb=args.memory_gb, min_throughput=args.min_throughput,
-                scales=args.scales or (), phis=args.phis or (), search=args.search, fit_batch=args.fit_batch,
-                out_dir=args.output, runs=args.runs, device=args.device)
+    try:
+        run_command(cfg, latency_ms=args.latency_ms, memory_gb=args.memory_gb, min_throughput=args.min_throughput,
+                    scales=args.scales or (), phis=args.phis or (), search=args.search, fit_batch=args.fit_batch,
+                    out_dir=args.output, runs=args.runs, device=args.device)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called from a longer-lived process (tests, notebooks)
     return 0
 
 

@@ -221,3 +221,29 @@ def test_same_padding_matches_tf_rule_and_exports():
     exported = torch.export.export(net, (torch.randn(1, 3, 96, 96),))
     x = torch.randn(1, 3, 96, 96)
     torch.testing.assert_close(exported.module()(x)["s32"], net(x)["s32"])
+
+
+@pytest.mark.parametrize("name", ["efficientnet-b0", "efficientnet-lite0", "efficientnetv2-s"])
+def test_cpu_channels_last_path_equals_nchw(name):
+    """On the CPU the backbone runs channels-last by default: the same function as NCHW (forward and
+    gradients), to float rounding, on a well-conditioned net (the reference init, BN in train mode)."""
+    torch.manual_seed(0)
+    net = backbones.create(name)
+    x = torch.randn(2, 3, 96, 96)
+    outputs, grads = [], []
+    for channels_last in (False, True):
+        net.cpu_channels_last = channels_last
+        net.zero_grad()
+        feats = net(x)
+        assert feats["s8"].is_contiguous(memory_format=torch.channels_last) == channels_last
+        sum(f.square().mean() for f in feats.values()).backward()
+        outputs.append({k: v.detach() for k, v in feats.items()})
+        grads.append([p.grad.clone() for p in net.parameters()])
+    def relative(a, b):  # max |a - b| over max |b|: rounding, not a different function
+        return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+    assert max(relative(outputs[1][k], outputs[0][k]) for k in outputs[0]) < 1e-4
+    # Gradients against the largest one: some are exactly 0 in theory (a BN bias before a training-mode BN)
+    # and pure rounding noise in both runs.
+    scale = max(float(g.abs().max()) for g in grads[0])
+    assert max(float((a - b).abs().max()) for a, b in zip(grads[1], grads[0])) < 1e-4 * scale
