@@ -158,6 +158,7 @@ class EfficientDetPreset:
     fusion: str
     backbone_phi: float | None = None
     drop_path: float = 0.2  # backbone stochastic depth (automl's and effdet's default)
+    backbone_options: tuple[tuple[str, float], ...] = ()  # e.g. (("width", 1.15), ("depth", 1.3)) for "efficientnet"
 
 
 def _row(index: str, backbone: int, size: int, width: int, repeats: int, depth: int, anchor_scale: float = 4.0,

@@ -315,12 +315,16 @@ class PhiSearch:
     result: BudgetResult
 
 
+MAX_SEARCH_PHI = 8.0
+
+
 def search_phi(cfg, limits: Limits, low: float = 0.0, high: float | None = None, *, step: float = PHI_STEP,
                measure: Callable | None = None, device: torch.device | str | None = None,
                runs: int | None = None, image_size: str | tuple[int, int] | None = None,
                progress: bool = True) -> PhiSearch:
     """Bisect the compound coefficient on multiples of ``step`` in [``low``, ``high``] (default high:
-    7 on CUDA, 2 on CPU) for the largest model meeting every limit, assuming cost grows with phi.
+    7 on CUDA, 2 on CPU; widened by doubling, up to ``MAX_SEARCH_PHI``, while its top still fits) for the
+    largest model meeting every limit, assuming cost grows with phi.
     Every phi returned was measured and fits. Raises :class:`BudgetError` when ``low`` does not fit."""
     from .engine.runlog import progress_bar
 
@@ -352,8 +356,12 @@ def search_phi(cfg, limits: Limits, low: float = 0.0, high: float | None = None,
             ordered = [rows[lo]]
             result = BudgetResult(cfg.model.task, device_type, limits, ordered, None, why_not(rows[lo]))
             raise BudgetError(f"no scale fits: {why_not(rows[lo])}", result)
-        if fits(hi):
+        ceiling = round(MAX_SEARCH_PHI / step)
+        while fits(hi):  # the top of the range fits: widen it (doubling) up to MAX_SEARCH_PHI
             lo = hi
+            if hi >= ceiling:
+                break
+            hi = min(ceiling, max(hi * 2, hi + round(1 / step)))
         while hi - lo > 1:
             middle = (lo + hi) // 2
             lo, hi = (middle, hi) if fits(middle) else (lo, middle)

@@ -121,8 +121,13 @@ def build_model(cfg) -> ClassificationTask:
     for key in ("norm_eps", "norm_momentum"):
         if getattr(model_cfg, key) is not None:
             options[key] = getattr(model_cfg, key)
+    dropout = model_cfg.dropout
+    if dropout is None and model_cfg.phi is not None:  # a fractional phi: between the two rows' dropouts
+        from .scaling import backbone_at
+
+        dropout = backbone_at(model_cfg.phi)[3]
     net = build_classifier(name, num_classes=model_cfg.num_classes, weights=model_cfg.weights,
-                           dropout=model_cfg.dropout, drop_path=model_cfg.drop_path,
+                           dropout=dropout, drop_path=model_cfg.drop_path,
                            padding=model_cfg.padding, **options)
     if model_cfg.backbone_weights is not None:
         from backbones.weights import load_weights

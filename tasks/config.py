@@ -314,6 +314,10 @@ def _detection_scale_problems(cfg: DetectionConfig) -> list[str]:
         preset = efficientdet_preset(detection_scale(cfg.model))
     except ValueError as error:
         return [str(error)]
+    if cfg.model.phi is not None:
+        from .scaling import detector_at
+
+        preset = detector_at(cfg.model.phi)
     multiple = 2 ** max(preset.levels)
     size = cfg.data.image_size
     if size is not None and any(side % multiple for side in size):

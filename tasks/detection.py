@@ -137,7 +137,8 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
                    drop_path: float | None = None, backbone_norm_eps: float | None = None,
                    backbone_norm_momentum: float | None = None, nms: str = "hard", nms_iou: float = 0.5,
                    soft_nms_sigma: float = 0.5, max_candidates: int = 5000, max_detections: int = 100,
-                   score_threshold: float = 0.0, **options) -> EfficientDetector:
+                   score_threshold: float = 0.0, preset: EfficientDetPreset | None = None,
+                   **options) -> EfficientDetector:
     """An EfficientDet by name (``efficientdet-d0`` .. ``-d7x``, ``tf_efficientdet_d*``, ``efficientdet_d*``,
     or ``efficientdet`` with a free ``phi``) with ``num_classes`` classes.
 
@@ -151,7 +152,10 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
     ``soft_nms_sigma``). ``options`` go to :class:`EfficientDetector` (``anchor_scale``, ``fusion``,
     ``match_threshold``, loss constants, ``norm_eps``/``norm_momentum`` of the BiFPN and heads).
     """
-    preset, flavour = resolve_name(name, phi)
+    if preset is None:
+        preset, flavour = resolve_name(name, phi)
+    else:  # a row made elsewhere (tasks.scaling: a fractional phi between two published rows)
+        flavour, name = {}, preset.name
     padding = padding or flavour.get("padding", "symmetric")
     backbone_options = {}
     eps = backbone_norm_eps if backbone_norm_eps is not None else flavour.get("backbone_norm_eps")
@@ -162,6 +166,7 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
         backbone_options["norm_momentum"] = momentum
     if preset.backbone_phi is not None:
         backbone_options["phi"] = preset.backbone_phi
+    backbone_options.update(dict(preset.backbone_options))
     backbone = backbones.create(preset.backbone, out_indices=(2, 3, 4), padding=padding,
                                 drop_path=preset.drop_path if drop_path is None else drop_path, **backbone_options)
     if backbone_weights is not None:
@@ -361,8 +366,12 @@ def build_model(cfg) -> DetectionTask:
     which stores them)."""
     import json
 
+    from .scaling import detector_at
+
     m, det, loss = cfg.model, cfg.model.detection, cfg.loss
     name, options = detector_name(m)
+    if m.phi is not None:  # the row model.phi resolves to (a fractional phi interpolates the table)
+        name, options = "efficientdet", {"preset": detector_at(m.phi)}
     if m.norm_eps is not None:
         options["backbone_norm_eps"] = m.norm_eps
     if m.norm_momentum is not None:

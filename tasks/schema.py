@@ -357,12 +357,14 @@ def named_scale(phi: float | None) -> int | None:
 
 
 def backbone_spec(model: ModelConfig) -> tuple[str, dict]:
-    """(``backbones.create`` name, its phi option) named by ``model.phi`` (an integral phi in 0..7 is the
-    published B-scale, any other real phi the compound-scaling rule), else ``model.scale`` (B-number),
-    else ``model.backbone``."""
+    """(``backbones.create`` name, its options) named by ``model.phi`` (``tasks.scaling.backbone_at``: an
+    integral phi in 0..7 is the published B-scale, a fractional one interpolates), else ``model.scale``
+    (B-number), else ``model.backbone``."""
     if model.phi is not None:
-        named = named_scale(model.phi)
-        return (f"efficientnet-b{named}", {}) if named is not None else ("efficientnet", {"phi": float(model.phi)})
+        from .scaling import backbone_at
+
+        name, options, _, _ = backbone_at(model.phi)
+        return name, options
     if model.scale is not None:
         return f"efficientnet-b{model.scale}", {}
     return model.backbone, {}
@@ -371,6 +373,10 @@ def backbone_spec(model: ModelConfig) -> tuple[str, dict]:
 def _backbone_resolution(model: ModelConfig) -> int:
     import backbones
 
+    if model.phi is not None:
+        from .scaling import backbone_at
+
+        return backbone_at(model.phi)[2]
     name, options = backbone_spec(model)
     return backbones.get_preset(name, **options).resolution
 
@@ -403,9 +409,13 @@ class DetectionConfig(Config):
     loss: DetectionLossConfig = field(default_factory=DetectionLossConfig)
 
     def native_image_size(self) -> list[int]:
-        from heads import efficientdet_preset  # D0 512 ... D7 1536 (the released configs)
+        from .scaling import detector_at  # D0 512 ... D7 1536 (the released configs), interpolated between
 
-        size = efficientdet_preset(detection_scale(self.model)).input_size
+        size = detector_at(detection_scale(self.model)).input_size if self.model.phi is not None else None
+        if size is None:
+            from heads import efficientdet_preset
+
+            size = efficientdet_preset(detection_scale(self.model)).input_size
         return [size, size]
 
 

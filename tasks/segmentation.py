@@ -393,6 +393,12 @@ def _head_options(cfg) -> dict:
     options = {"head": "bifpn", **{key: getattr(head, key, None) for key in keys}}
     if options["bifpn_levels"] is None:
         options["bifpn_levels"] = levels_for_crop(resolve_image_size(cfg))
+    if options["bifpn_width"] is None or options["bifpn_repeats"] is None:  # from the compound coefficient
+        from .scaling import bifpn_size
+
+        width, repeats = bifpn_size(cfg.model)
+        options["bifpn_width"] = options["bifpn_width"] or width
+        options["bifpn_repeats"] = options["bifpn_repeats"] or repeats
     return options
 
 
@@ -410,7 +416,9 @@ def build_model(cfg) -> SegmentationTask:
         options["padding"] = m.padding
     if head.s2_tap is not None:
         options["s2_tap"] = head.s2_tap
-    net = build_segmenter(name, m.num_classes, weights=m.weights, decoder_channels=head.decoder_channels,
+    from .scaling import decoder_widths
+
+    net = build_segmenter(name, m.num_classes, weights=m.weights, decoder_channels=decoder_widths(head.decoder_channels, m),
                           attention=head.attention, decoder_norm=head.norm, upsampling=head.upsampling,
                           aux_classes=m.num_classes if head.aux_head else None, aux_dropout=head.aux_dropout,
                           flavour=head.flavour, backbone_weights=m.backbone_weights, drop_path=m.drop_path,

@@ -83,10 +83,11 @@ def test_native_resolution_follows_the_backbone(backbone, native):
     assert C.resolve_image_size(C.load(IMAGENET, [f"model.backbone={backbone}"])) == (native, native)
 
 
-@pytest.mark.parametrize("phi, expected", [(0, 224), (1.5, 280), (-1, 192)])
+@pytest.mark.parametrize("phi, expected", [(0, 224), (1.5, 248), (3, 300), (-1, 192)])
 def test_native_resolution_follows_gamma_for_a_free_phi(phi, expected):
-    # gamma = 1.15 per unit of phi (paper, section 3.3), rounded to a multiple of 8:
-    # 224 * 1.15**1.5 = 276.2 -> 280; 224 / 1.15 = 194.8 -> 192.
+    # An integral phi is the published size (B3: 300); between two rows the size grows geometrically,
+    # sqrt(240 * 260) = 249.8 -> 248 (a multiple of 8); below B0, gamma = 1.15 per unit of phi (paper,
+    # section 3.3): 224 / 1.15 = 194.8 -> 192.
     assert C.resolve_image_size(C.load(IMAGENET, [f"model.phi={phi}"])) == (expected, expected)
 
 

@@ -42,26 +42,51 @@ def test_an_integral_phi_is_the_released_detector(phi):
             assert rule[field] != value, (phi, field)
 
 
-def test_a_fractional_phi_follows_the_rules_between_the_named_scales():
+def test_a_fractional_phi_interpolates_between_the_neighbouring_rows():
     info = describe(C.load(DET, ["model.phi=2.5"]))
-    assert info["input_size"] == [896, 896]  # 512 + 128 * 2.5 = 832, to the next multiple of 128
-    assert info["bifpn_width"] == 136 and 112 < info["bifpn_width"] < 160  # 64 * 1.35^2.5 = 135.6
-    assert info["bifpn_repeats"] == 6 and info["head_depth"] == 3
-    assert info["backbone"] == "efficientnet(phi=2.5)"
+    assert info["input_size"] == [768, 768]  # sqrt(768 * 896) = 829.5, to the nearest multiple of 128
+    assert info["bifpn_width"] == 136 and 112 < info["bifpn_width"] < 160  # sqrt(112 * 160) = 133.9 -> 136
+    assert info["bifpn_repeats"] == 6 and info["head_depth"] == 4  # 5.5 and 3.5, rounded half up
+    assert info["backbone"] == "efficientnet(width=1.1489, depth=1.2961)"  # sqrt(1.1 * 1.2), sqrt(1.2 * 1.4)
 
 
 def test_classification_phi_named_and_free():
     named = describe(C.load(CLS, ["model.phi=3"]))
     assert (named["backbone"], named["input_size"]) == ("efficientnet-b3", [300, 300])  # Table 1: B3 at 300
     free = describe(C.load(CLS, ["model.phi=2.5"]))
-    assert free["width_multiplier"] == pytest.approx(1.1**2.5, abs=1e-4)
-    assert free["depth_multiplier"] == pytest.approx(1.2**2.5, abs=1e-4)
-    assert free["input_size"] == [8 * round(224 * 1.15**2.5 / 8)] * 2  # gamma 1.15
+    assert free["width_multiplier"] == pytest.approx((1.1 * 1.2) ** 0.5, abs=1e-4)  # B2 and B3's widths
+    assert free["depth_multiplier"] == pytest.approx((1.2 * 1.4) ** 0.5, abs=1e-4)
+    assert free["input_size"] == [280, 280]  # sqrt(260 * 300) = 279.3, to a multiple of 8
+    beyond = describe(C.load(CLS, ["model.phi=8"]))  # past B7: B7 grown by the rules' factors
+    assert (beyond["width_multiplier"], beyond["depth_multiplier"]) == (pytest.approx(2.0 * 1.1), pytest.approx(3.1 * 1.2))
+    below = describe(C.load(CLS, ["model.phi=-1"]))  # below B0: the rule itself (B0 is the rule at 0)
+    assert below["width_multiplier"] == pytest.approx(1 / 1.1, abs=1e-4) and below["input_size"] == [192, 192]
+
+
+def test_the_knob_is_monotone_across_the_named_scales():
+    """What --search phi bisects on: every size grows with phi, through the integers (a switch between the
+    tables and the closed-form rules would make phi = 2.95 bigger than phi = 3)."""
+    import backbones
+
+    from tasks.scaling import backbone_at, detector_at
+
+    phis = [k / 20 for k in range(0, 161)]
+    found = [backbone_at(phi) for phi in phis]
+    for key in ("width", "depth"):
+        values = [options.get(key) or getattr(backbones.get_preset(name), key) for name, options, _, _ in found]
+        assert all(a <= b + 1e-9 for a, b in zip(values, values[1:])), key
+    resolutions = [resolution for _, _, resolution, _ in found]
+    assert all(a <= b for a, b in zip(resolutions, resolutions[1:]))
+    rows = [detector_at(phi) for phi in phis]
+    for key in ("input_size", "width", "repeats", "head_depth"):
+        values = [getattr(row, key) for row in rows]
+        assert all(a <= b for a, b in zip(values, values[1:])), key
 
 
 def test_segmentation_phi_sizes_the_unet_decoder():
     assert describe(C.load(SEG, ["model.phi=2"]))["decoder_channels"] == [256, 128, 64, 32, 16]  # smp's, named
-    widths = describe(C.load(SEG, ["model.phi=1.5"]))["decoder_channels"]
+    assert describe(C.load(SEG, ["model.phi=2.5"]))["decoder_channels"] == [256, 128, 64, 32, 16]  # the same between
+    widths = describe(C.load(SEG, ["model.phi=8.5"]))["decoder_channels"]
 
     def paper_rounding(value):  # to a multiple of 8, never more than 10% down (Tan & Le's rule)
         rounded = max(8, int(value + 4) // 8 * 8)
@@ -78,3 +103,13 @@ def test_effdense_backbones_task_detection_gmacs_against_the_paper():
     for scale, flops in paper.items():
         row = describe_task("detection", scale=scale)
         assert row["gmacs"] == pytest.approx(flops, rel=0.04), scale
+
+
+@pytest.mark.parametrize("task, head", [("classification", "unet"), ("segmentation", "unet"), ("segmentation", "bifpn"),
+                                        ("detection", "unet")])
+def test_every_task_builds_at_a_fractional_phi_between_its_neighbours(task, head):
+    """The whole task model at phi 2.5 has more parameters than at 2 and fewer than at 3."""
+    from tasks.summary import describe_task
+
+    params = [describe_task(task, phi=phi, head=head, size=(128, 256))["params_m"] for phi in (2.0, 2.5, 3.0)]
+    assert params[0] < params[1] < params[2], params
