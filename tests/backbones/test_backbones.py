@@ -1,5 +1,6 @@
 """The backbone contract, run over every registered name, checked against the published tables."""
 
+import copy
 import math
 
 import pytest
@@ -226,24 +227,28 @@ def test_same_padding_matches_tf_rule_and_exports():
 @pytest.mark.parametrize("name", ["efficientnet-b0", "efficientnet-lite0", "efficientnetv2-s"])
 def test_cpu_channels_last_path_equals_nchw(name):
     """On the CPU the backbone runs channels-last by default: the same function as NCHW (forward and
-    gradients), to float rounding, on a well-conditioned net (the reference init, BN in train mode)."""
+    gradients). The reference is the float64 NCHW net; the channels-last float32 run must be as close
+    to it as the NCHW float32 run is. (With the torchvision init and BN in train mode, lite0's ReLU6
+    clamps make its float32 weight gradients 2% off float64 in either layout: a tolerance against the
+    float32 NCHW run alone would measure that conditioning, not the layout.)"""
     torch.manual_seed(0)
     net = backbones.create(name)
     x = torch.randn(2, 3, 96, 96)
-    outputs, grads = [], []
-    for channels_last in (False, True):
-        net.cpu_channels_last = channels_last
-        net.zero_grad()
-        feats = net(x)
+
+    def run(model, inputs, channels_last):
+        model.cpu_channels_last = channels_last
+        model.zero_grad()
+        feats = model(inputs)
         assert feats["s8"].is_contiguous(memory_format=torch.channels_last) == channels_last
         sum(f.square().mean() for f in feats.values()).backward()
-        outputs.append({k: v.detach() for k, v in feats.items()})
-        grads.append([p.grad.clone() for p in net.parameters()])
-    def relative(a, b):  # max |a - b| over max |b|: rounding, not a different function
-        return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+        weights = [p.grad.double() for n, p in model.named_parameters() if n.endswith("conv.weight")]
+        return [f.detach().double() for f in feats.values()], weights
 
-    assert max(relative(outputs[1][k], outputs[0][k]) for k in outputs[0]) < 1e-4
-    # Gradients against the largest one: some are exactly 0 in theory (a BN bias before a training-mode BN)
-    # and pure rounding noise in both runs.
-    scale = max(float(g.abs().max()) for g in grads[0])
-    assert max(float((a - b).abs().max()) for a, b in zip(grads[1], grads[0])) < 1e-4 * scale
+    reference = run(copy.deepcopy(net).double(), x.double(), False)
+    def error(result):  # worst relative L2 error over the features, then over the conv weight grads
+        return [max(float((a - b).norm() / b.norm()) for a, b in zip(got, ref))
+                for got, ref in zip(result, reference)]
+
+    nchw, nhwc = error(run(net, x, False)), error(run(net, x, True))
+    assert nhwc[0] < 1e-4 and nchw[0] < 1e-4
+    assert nhwc[1] < 2 * nchw[1] + 1e-5, (nhwc, nchw)
