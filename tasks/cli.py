@@ -91,34 +91,32 @@ def describe_scale(cfg) -> dict:
     return describe(cfg)
 
 
-def load_task_weights(task_model, path: str) -> dict:
+def load_task_weights(task_model, path: str, task: str | None = None) -> dict:
     """Load a weights file into a task module's network and return the metadata stored with it.
 
     One rule for every command: an effdense checkpoint gives its EMA weights when it holds them
     (``backbones.weights``); ``model.safetensors`` and torchvision/timm/... files load as they are.
+    With ``task`` (the config's ``model.task``), weights that say they belong to another task are
+    refused before anything loads (not as a list of missing keys).
     """
     from backbones.weights import load_weights
 
+    from .config import ConfigError
     from .engine.checkpoint import weights_meta
 
+    meta = weights_meta(path)
+    stored = meta.get("task")
+    if task and stored and stored != task:
+        raise ConfigError(f"{path} holds {stored} weights but the config is for model.task={task}; "
+                          f"use a {stored} config")
     if hasattr(task_model, "load_weights"):  # the task's own rules (smp U-Nets, effdet detectors)
         task_model.load_weights(path)
     else:
         load_weights(task_model.net, path)
-    meta = weights_meta(path)
     for key, value in meta.items():  # class_names, and what the task stored (detection's cat_ids)
         if key != "task" and hasattr(task_model, key):
             setattr(task_model, key, value)
     return meta
-
-
-def _check_weights_task(cfg, meta: dict, path: str) -> None:
-    from .config import ConfigError
-
-    task = meta.get("task")
-    if task and task != cfg.model.task:
-        raise ConfigError(f"{path} holds {task} weights but the config is for model.task={cfg.model.task}; "
-                          f"use a {task} config")
 
 
 def cmd_eval(args) -> int:
@@ -132,7 +130,7 @@ def cmd_eval(args) -> int:
         device, dist_env = setup_process(cfg.train.device, cfg.train.deterministic)
         loaders = build_loaders(cfg, splits=("val",))
         model = registry.build_model(cfg)
-        _check_weights_task(cfg, load_task_weights(model, args.weights), args.weights)
+        load_task_weights(model, args.weights, cfg.model.task)
         if args.fused:
             from backbones.fusion import fuse_for_inference
 
@@ -164,7 +162,7 @@ def cmd_predict(args) -> int:
 
     cfg = _load_config(args)
     model = registry.build_model(cfg)
-    _check_weights_task(cfg, load_task_weights(model, args.weights), args.weights)
+    load_task_weights(model, args.weights, cfg.model.task)
     from backbones.fusion import fuse_for_inference
 
     model = fuse_for_inference(model.to(pick_device(cfg.train.device)).eval())  # BatchNorm folded: same outputs
@@ -263,7 +261,7 @@ def cmd_export(args) -> int:
 
     cfg = _load_config(args)
     model = registry.build_model(cfg)
-    _check_weights_task(cfg, load_task_weights(model, args.weights), args.weights)
+    load_task_weights(model, args.weights, cfg.model.task)
     example = torch.zeros(1, 3, *resolve_image_size(cfg), dtype=torch.uint8)
     result = export(model.eval(), args.format, args.output, example, dynamic_batch=args.dynamic_batch,
                     postprocess=args.postprocess, include_normalization=not args.float_input,

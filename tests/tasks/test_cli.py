@@ -1,6 +1,7 @@
 """The effdense command line end to end on a tiny synthetic dataset (CPU, a few steps)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,21 @@ def test_backbones_table(capsys):
     assert "5.29" in out and "0.39" in out and "16/24/40/112/320" in out and "21.46" in out
     assert main(["backbones", "--phi", "2.5"]) == 0
     assert "phi=2.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["efficientnet-l2"], ["--task", "detection", "--phi", "7"]])
+def test_backbones_builds_nothing_in_memory(args, capsys):
+    """`effdense backbones` counts on the meta device: every parameter any module registers while the
+    table is made (L2 and D7x included) lives on meta, so the table costs no memory and no init time."""
+    devices = []
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(
+        lambda module, name, param: devices.append(None if param is None else param.device.type))
+    try:
+        assert main(["backbones", *args]) == 0
+    finally:
+        hook.remove()
+    assert devices and set(devices) <= {"meta", None}, set(devices)
+    assert capsys.readouterr().out.strip()
 
 
 def test_weights_convert_torchvision_file(tmp_path):
@@ -269,3 +285,24 @@ def test_auto_batch_size_on_cpu_keeps_the_configured_batch_and_says_why(dataset,
     found = json.loads((run / "batch_size.json").read_text())
     assert found["batch_size"] == 8 and "needs CUDA" in found["message"]
     assert found["lr"] == pytest.approx(0.002 * 8 / 16)  # the demo's lr at base_batch_size 16, linear rule
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "best.pt"])
+def test_weights_of_another_task_are_refused_before_loading(trained, weights, tmp_path, capsys):
+    """Classification weights given to a segmentation config: one line saying which task they hold
+    (read from the file's metadata), not a list of missing U-Net keys."""
+    code = main(["predict", "configs/demo/segmentation.yaml", "--weights", str(trained / weights),
+                 str(tmp_path / "any.png"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "holds classification weights but the config is for model.task=segmentation" in err
+
+
+def test_overwrite_replaces_a_named_run(dataset, trained, tmp_path, capsys):
+    run = tmp_path / "again"
+    shutil.copytree(trained, run)
+    stale = len((run / "metrics.jsonl").read_text().splitlines())
+    assert main(["train", DEMO, *_tiny(dataset), "--output", str(run), "--overwrite"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == stale and [r["epoch"] for r in records if "val/top1" in r] == [1]
+    assert (run / "best.pt").is_file() and (run / "model.safetensors").is_file()

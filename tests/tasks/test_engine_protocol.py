@@ -258,3 +258,31 @@ def test_exact_resume_mid_epoch_through_the_real_loaders(tmp_path, workers):
                              (straight.ema.state_dict(), resumed.ema.state_dict())):
         different = [k for k in reference if not torch.equal(reference[k], other[k])]
         assert not different, different
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_grad_checkpointing_reaches_the_dense_models(task):
+    """The switch the Trainer flips (train.grad_checkpointing) reaches the backbone inside a U-Net and an
+    EfficientDet, and recomputing the activations leaves the gradients as they were."""
+    from tasks import registry
+    from tasks.budget_measure import example_batch
+    from tasks.config import load
+    from tasks.engine.trainer import _enable_grad_checkpointing
+
+    size = 64 if task == "segmentation" else 128
+    cfg = load(f"configs/demo/{task}.yaml", ["train.device=cpu", f"data.image_size={size}", "model.drop_path=0"])
+    model, reference = registry.build_model(cfg), registry.build_model(cfg)
+    _enable_grad_checkpointing(model)
+    flags = [m.grad_checkpointing for m in model.modules() if hasattr(m, "grad_checkpointing")]
+    assert flags and all(flags)
+    assert not any(m.grad_checkpointing for m in reference.modules() if hasattr(m, "grad_checkpointing"))
+    images, targets = example_batch(cfg, 2)
+    for module in (model, reference):
+        module.train()
+        torch.manual_seed(0)
+        sum(module(images, targets).values()).backward()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        if theirs.grad is None:
+            assert ours.grad is None, name
+            continue
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-4, msg=name)
