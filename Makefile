@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench gpu-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: $(STAMP)
 	$(BIN)/python tools/bench_segmentation.py
 	$(BIN)/python tools/bench_detection.py
 	$(BIN)/python tools/bench_inference.py
+
+gpu-report: $(STAMP)  # on a CUDA machine: GPU tests, benchmarks, budget per task, auto batch size
+	bash tools/gpu_report.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
