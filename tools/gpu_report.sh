@@ -14,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT_DIR:-runs/gpu-report}
-mkdir -p "$OUT"
+
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(tests bench budget fit)
 status=0
@@ -29,6 +29,7 @@ run() {  # run <section> <command...>: tee the output into the section's log, re
 }
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_report: no CUDA device here')" || exit 2
+mkdir -p "$OUT"
 
 for section in "${sections[@]}"; do
     : > "$OUT/$section.log"
