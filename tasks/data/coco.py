@@ -60,7 +60,13 @@ def read_annotation_file(path: str | Path) -> dict:
     """The json's content, checked for COCO's top-level keys and record fields (one-line errors)."""
     path = Path(path)
     if not path.is_file():
-        raise CocoFormatError(f"{path}: annotation file not found; expected COCO layout {LAYOUT}")
+        others = sorted(p.name for p in path.parent.glob("instances_*.json")) if path.parent.is_dir() else []
+        hint = ""
+        if others:  # e.g. `effdense data synth detection` writes train/val, the COCO presets read train2017/val2017
+            splits = ", ".join(name[len("instances_"):-len(".json")] for name in others)
+            hint = (f"; {path.parent} has the splits {splits}: set data.train_split / data.val_split "
+                    f"(or data.train_annotations / data.val_annotations)")
+        raise CocoFormatError(f"{path}: annotation file not found; expected COCO layout {LAYOUT}{hint}")
     try:
         with open(path, "rb") as f:
             data = json.load(f)

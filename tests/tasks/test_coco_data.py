@@ -219,3 +219,12 @@ def test_missing_and_unreadable_images(synth, tmp_path):
     assert target["image_id"] == skipping.images[3]["id"] and len(skipping.bad_samples) == 1
     problems = check_coco(root, "val")
     assert len(problems) == 2 and "not found" in problems[0] and "not a readable image" in problems[1]
+
+
+def test_a_missing_split_names_the_splits_there(synth):
+    """`effdense data synth detection` writes train/val; a COCO preset reads train2017: say so."""
+    from tasks.data.coco import read_annotation_file
+
+    with pytest.raises(CocoFormatError, match=r"instances_train2017.json: annotation file not found; .*"
+                                              r"has the splits train, val: set data.train_split"):
+        read_annotation_file(synth / "annotations" / "instances_train2017.json")
