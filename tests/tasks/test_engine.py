@@ -207,7 +207,9 @@ def test_no_run_directory_when_asked_for_none(tmp_path):
     assert trainer.step == 2 and not (tmp_path / "run").exists()
 
 
-def test_ema_is_what_evaluation_uses(tmp_path):
+def test_without_ema_evaluation_scores_the_raw_model(tmp_path):
+    """With the EMA dropped, evaluate() scores the raw weights (top-1 counted by hand); that evaluation
+    uses the EMA weights when there are some is test_engine_protocol's test_ema_weights_are_what_evaluation_uses."""
     cfg = make_config()
     trainer = fit(toy(), cfg, tmp_path)
     ema_metrics = trainer.evaluate()
