@@ -199,14 +199,16 @@ class DetectionTask(nn.Module):
     ``forward(images)`` -> detections in input pixels (the evaluator maps them to the original image
     with each target's ``scale``/``offset``). ``annotation_file`` is the evaluation split's COCO json;
     ``detections_dir``, when set, receives ``detections.json`` at each evaluation; ``class_names`` and
-    ``cat_ids`` (label -> the json's category id) label what :func:`predict_paths` draws and writes.
+    ``cat_ids`` (label -> the json's category id) label what :func:`predict_paths` draws and writes;
+    ``label_map`` (``data.label_map``) is how the evaluator maps labels to the json's ids.
     """
 
     primary_metric = "mAP"
 
     def __init__(self, net: EfficientDetector, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  annotation_file: str | None = None, detections_dir: str | None = None,
-                 class_names: Sequence[str] | None = None, cat_ids: Sequence[int] | None = None):
+                 class_names: Sequence[str] | None = None, cat_ids: Sequence[int] | None = None,
+                 label_map: str = "contiguous"):
         super().__init__()
         self.net = net
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
@@ -214,6 +216,7 @@ class DetectionTask(nn.Module):
         self.annotation_file, self.detections_dir = annotation_file, detections_dir
         self.class_names = list(class_names) if class_names is not None else None
         self.cat_ids = [int(c) for c in cat_ids] if cat_ids is not None else None
+        self.label_map = label_map
         self._ground_truth = None  # the loaded annotation file, kept across evaluations
 
     def load_weights(self, path) -> None:
@@ -246,8 +249,9 @@ class DetectionTask(nn.Module):
 
         if self.annotation_file is None:
             raise ValueError("DetectionTask.annotation_file is not set: the evaluator needs the split's COCO json")
-        if self._ground_truth is None or self._ground_truth.path != str(self.annotation_file):
-            self._ground_truth = load_ground_truth(self.annotation_file)
+        if (self._ground_truth is None or self._ground_truth.path != str(self.annotation_file)
+                or self._ground_truth.label_map != self.label_map):
+            self._ground_truth = load_ground_truth(self.annotation_file, self.label_map)
         return CocoEvaluator(self._ground_truth, post=self.net.post, output_dir=self.detections_dir)
 
     @torch.no_grad()
@@ -390,9 +394,10 @@ def build_model(cfg) -> DetectionTask:
     if annotation_file.is_file():
         from .data.coco import category_maps, read_annotation_file
 
-        cat_ids, _, names = category_maps(read_annotation_file(annotation_file)["categories"])
+        cat_ids, _, names = category_maps(read_annotation_file(annotation_file)["categories"], cfg.data.label_map,
+                                          annotation_file)
     return DetectionTask(net, mean=cfg.data.mean, std=cfg.data.std, annotation_file=str(annotation_file),
-                         class_names=names, cat_ids=cat_ids)
+                         class_names=names, cat_ids=cat_ids, label_map=cfg.data.label_map)
 
 
 def predict(cfg, model: DetectionTask, paths, out=None, score_threshold: float = 0.3, **_options) -> list[dict]:

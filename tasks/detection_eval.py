@@ -40,18 +40,20 @@ class GroundTruth:
     path: str
     coco: object  # pycocotools.coco.COCO
     cat_ids: list[int]
+    label_map: str = "contiguous"
 
 
-def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
+def load_ground_truth(path: str | os.PathLike, label_map: str = "contiguous") -> GroundTruth:
     """Read ``path`` (one-line errors as the dataset's) and fill the optional fields COCOeval needs
-    (``area`` = w * h, ``iscrowd`` = 0) where a custom json omits them."""
+    (``area`` = w * h, ``iscrowd`` = 0) where a custom json omits them. ``label_map``: how the model's
+    labels map to the json's category ids (``data.label_map``; see ``tasks.data.coco.category_maps``)."""
     data = read_annotation_file(path)
     for ann in data["annotations"]:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
-    cat_ids, _, _ = category_maps(data["categories"])
-    return GroundTruth(str(path), build_coco(data), cat_ids)
+    cat_ids, _, _ = category_maps(data["categories"], label_map, path)
+    return GroundTruth(str(path), build_coco(data), cat_ids, label_map)
 
 
 def _is_distributed() -> bool:

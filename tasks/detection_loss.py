@@ -19,10 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
 
 from heads.anchors import IGNORE
+from tasks.engine.distributed import global_mean
 
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 1.5
 HUBER_DELTA, BOX_LOSS_WEIGHT = 0.1, 50.0
@@ -59,13 +59,9 @@ def box_loss_sum(box_codes: torch.Tensor, box_targets: torch.Tensor, positive: t
 
 
 def global_positives(num_positives: torch.Tensor) -> torch.Tensor:
-    """The batch's positive count as a global quantity: sum over ranks / world size under DDP."""
-    count = num_positives.sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        count = count.detach().clone()
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return count
+    """The batch's positive count as a global quantity: sum over ranks / world size under DDP (the engine's
+    ``global_mean``, the normaliser every task uses for a loss divided by a global count)."""
+    return global_mean(num_positives.sum().float())
 
 
 def detection_loss(class_out: Sequence[torch.Tensor], box_out: Sequence[torch.Tensor],

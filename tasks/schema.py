@@ -243,6 +243,9 @@ class DetectionDataConfig(DataConfig):
     train_images: Optional[str] = None
     val_images: Optional[str] = None
     max_instances: int = number(100, AT_LEAST_ONE)  # boxes kept per image
+    # contiguous: the sorted category ids are labels 0..K-1 (80 for COCO); category_id: label = id - 1
+    # with max(id) classes (90 for COCO), the layout of effdet's / TF's COCO checkpoints
+    label_map: str = choice("contiguous", "contiguous", "category_id")
     augment: DetectionAugmentConfig = field(default_factory=DetectionAugmentConfig)
 
 

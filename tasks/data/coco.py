@@ -103,11 +103,30 @@ def _check_unique(path: Path, records: list, kind: str) -> None:
         seen.add(record["id"])
 
 
-def category_maps(categories: list[dict]) -> tuple[list[int], dict[int, int], list[str]]:
-    """(``cat_ids`` sorted: label -> category id, ``cat_to_label``: id -> label, class names by label)."""
+LABEL_MAPS = ("contiguous", "category_id")
+
+
+def category_maps(categories: list[dict], label_map: str = "contiguous", path: str | Path | None = None
+                  ) -> tuple[list[int], dict[int, int], list[str]]:
+    """(``cat_ids``: label -> category id, ``cat_to_label``: id -> label, class names by label).
+
+    ``label_map`` (``data.label_map``): ``"contiguous"`` numbers the sorted category ids 0..K-1 (80
+    classes for COCO); ``"category_id"`` is label = id - 1 with max(id) classes, the layout of effdet's,
+    TF's and automl's COCO checkpoints (90 classes; the ids COCO leaves unused are classes that never
+    occur, named ``id-<k>``).
+    """
     ordered = sorted(categories, key=lambda c: c["id"])
-    cat_ids = [int(c["id"]) for c in ordered]
-    return cat_ids, {cid: label for label, cid in enumerate(cat_ids)}, [str(c["name"]) for c in ordered]
+    if label_map == "contiguous":
+        cat_ids = [int(c["id"]) for c in ordered]
+        return cat_ids, {cid: label for label, cid in enumerate(cat_ids)}, [str(c["name"]) for c in ordered]
+    if label_map != "category_id":
+        raise ValueError(f"data.label_map={label_map!r} must be one of: {', '.join(LABEL_MAPS)}")
+    names = {int(c["id"]): str(c["name"]) for c in ordered}
+    if names and min(names) < 1:
+        raise CocoFormatError(f"{path or 'the annotation file'}: category id {min(names)} < 1, but "
+                              f"data.label_map=category_id uses label = id - 1; use data.label_map=contiguous")
+    cat_ids = list(range(1, max(names, default=0) + 1))
+    return cat_ids, {cid: cid - 1 for cid in names}, [names.get(cid, f"id-{cid}") for cid in cat_ids]
 
 
 def annotation_problem(path: Path, ann: dict, image: dict | None, cat_to_label: dict) -> str | None:
@@ -172,7 +191,7 @@ class CocoDetection(Dataset):
 
     def __init__(self, root: str | Path | None = None, split: str = "train", transform=None, *,
                  annotation_file: str | Path | None = None, image_dir: str | Path | None = None,
-                 max_instances: int = 100, on_bad_sample: str = "error"):
+                 max_instances: int = 100, on_bad_sample: str = "error", label_map: str = "contiguous"):
         if on_bad_sample not in ON_BAD_SAMPLE_CHOICES:
             raise ValueError(f"data.on_bad_sample={on_bad_sample!r} must be one of: {', '.join(ON_BAD_SAMPLE_CHOICES)}")
         if annotation_file is None or image_dir is None:
@@ -187,7 +206,9 @@ class CocoDetection(Dataset):
         if not self.image_dir.is_dir():
             raise DataError(f"{self.image_dir}: image folder not found (for {self.annotation_file}); expected COCO "
                             f"layout {LAYOUT}")
-        self.cat_ids, self.cat_to_label, self.classes = category_maps(data["categories"])
+        self.label_map = label_map
+        self.cat_ids, self.cat_to_label, self.classes = category_maps(data["categories"], label_map,
+                                                                      self.annotation_file)
         self.images = sorted(data["images"], key=lambda im: im["id"])
         self._index_annotations(data)
         self.bad_samples: list[Path] = []

@@ -12,7 +12,7 @@ from tasks.data.coco import BadAnnotationError, CocoDetection, CocoFormatError, 
 from tasks.data.det_transforms import (DetectionEvalTransform, DetectionTrainTransform, detection_collate, letterbox,
                                        unletterbox_boxes)
 from tasks.data.synthetic_detection import write_coco
-from tasks.detection_eval import STAT_NAMES, CocoEvaluator
+from tasks.detection_eval import STAT_NAMES, CocoEvaluator, load_ground_truth
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +228,42 @@ def test_a_missing_split_names_the_splits_there(synth):
     with pytest.raises(CocoFormatError, match=r"instances_train2017.json: annotation file not found; .*"
                                               r"has the splits train, val: set data.train_split"):
         read_annotation_file(synth / "annotations" / "instances_train2017.json")
+
+
+def test_category_id_label_map_is_effdets_layout(synth, tmp_path):
+    """data.label_map=category_id: label = category id - 1 with max(id) classes (effdet's 90-class COCO
+    layout); the synthetic ids are 3, 7, 11, so 11 classes, 8 of them never occurring."""
+    from tasks.data.coco import category_maps, read_annotation_file
+
+    dataset = CocoDetection(synth, "val", DetectionEvalTransform(160), label_map="category_id")
+    contiguous = CocoDetection(synth, "val", DetectionEvalTransform(160))
+    assert dataset.num_classes == 11 and dataset.cat_ids == list(range(1, 12))
+    assert dataset.classes[2] == "square" and dataset.classes[6] == "circle" and dataset.classes[0] == "id-1"
+    for index in range(len(dataset)):  # the same boxes, labels moved from 0..2 to id - 1
+        (_, ours), (_, theirs) = dataset[index], contiguous[index]
+        assert torch.equal(ours["boxes"], theirs["boxes"])
+        assert ours["labels"].tolist() == [[3, 7, 11][k] - 1 for k in theirs["labels"].tolist()]
+    evaluator = CocoEvaluator(load_ground_truth(dataset.annotation_file, "category_id"), output_dir=tmp_path)
+    for detections, targets in _ground_truth_detections(dataset):
+        evaluator.update(detections, targets)
+    assert evaluator.compute()["mAP"] == pytest.approx(1.0)
+    assert {r["category_id"] for r in json.loads((tmp_path / "detections.json").read_text())} == {3, 7, 11}
+    with pytest.raises(CocoFormatError, match="category id 0 < 1, but data.label_map=category_id"):
+        category_maps([{"id": 0, "name": "bg"}, {"id": 1, "name": "a"}], "category_id", "x.json")
+    categories = read_annotation_file(dataset.annotation_file)["categories"]
+    assert category_maps(categories)[0] == [3, 7, 11]
+
+
+def test_label_map_in_the_config_sizes_the_model(synth):
+    from tasks.config import load
+    from tasks.data import build_loaders
+
+    sets = [f"data.root={synth}", "data.workers=0", "train.device=cpu", "data.label_map=category_id"]
+    with pytest.raises(DataError, match=r"has category ids up to 11 \(data.label_map=category_id.*model.num_classes=11"):
+        build_loaders(load("configs/demo/detection.yaml", [*sets, "model.num_classes=3"]), splits=("val",))
+    loader = build_loaders(load("configs/demo/detection.yaml", [*sets, "model.num_classes=11"]), splits=("val",))
+    assert loader["val"].dataset.num_classes == 11
+    from tasks import registry
+
+    task = registry.build_model(load("configs/demo/detection.yaml", [*sets, "model.num_classes=11"]))
+    assert task.cat_ids == list(range(1, 12)) and task.make_evaluator().gt.cat_ids == list(range(1, 12))

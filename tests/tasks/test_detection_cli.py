@@ -89,3 +89,34 @@ def test_detection_demo_reaches_05_map50(tmp_path, capsys, monkeypatch):
     assert main(["demo", "detection", "--output", str(tmp_path / "run"), "--set", "train.progress=false"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["mAP50"] >= 0.5
+
+
+def test_eval_effdet_90_class_weights_with_the_category_id_map(shapes, tmp_path, capsys):
+    """effdet's COCO checkpoints have 90 classes, label = category id - 1: with data.label_map=category_id
+    they evaluate through the CLI as they are, and detections.json holds ids over the whole 1..90 range."""
+    import shutil
+
+    import effdet
+    import torch
+
+    root = tmp_path / "coco"
+    shutil.copytree(shapes, root)
+    for split in ("train", "val"):  # the synthetic ids are 3, 7, 11; COCO's last id is 90
+        path = root / "annotations" / f"instances_{split}.json"
+        data = json.loads(path.read_text())
+        data["categories"].append({"id": 90, "name": "toothbrush"})
+        path.write_text(json.dumps(data))
+    theirs = effdet.create_model("tf_efficientdet_d0", pretrained=False, pretrained_backbone=False)
+    weights = tmp_path / "tf_efficientdet_d0.pth"
+    torch.save({"state_dict": theirs.state_dict()}, weights)
+    sets = [*_tiny(root), "--set", "data.label_map=category_id", "--set", "model.num_classes=90",
+            "--set", "model.padding=same", "--set", "model.norm_eps=0.001"]
+    assert main(["eval", DEMO, *sets, "--weights", str(weights), "--output", str(tmp_path / "out"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= metrics["mAP"] <= 1.0
+    ids = {r["category_id"] for r in json.loads((tmp_path / "out" / "detections.json").read_text())}
+    assert ids <= set(range(1, 91)) and len(ids) > 11, sorted(ids)
+    # The same weights with the default contiguous map: one line saying what to set.
+    assert main(["eval", DEMO, *_tiny(root), "--set", "model.num_classes=90", "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "has 4 categories; set model.num_classes=4 (or data.label_map=category_id" in err
