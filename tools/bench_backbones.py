@@ -8,12 +8,7 @@ and size. Every model runs once in every round, in an order that alternates from
 round gives a ratio ours/peer (>1: we are faster) and the table shows the median of those paired
 ratios (on a shared machine two identical models differ by up to 10% in fastest-of-N, which pairing
 cancels) and the median img/s. ``--same-weights`` loads timm's random weights into ours (identical
-logits), so that only the implementations differ. Random weights matter on the CPU: with the
-torchvision initialisation (depthwise fan-out = C*k*k) and eval-mode BatchNorm at its initial
-statistics, lite0's activations shrink block after block until they are denormal floats, which x86
-computes many times slower. With the NCHW kernels, 1 thread: ours/timm inference 0.81x, and 1.04x
-with ``torch.set_flush_denormal(True)``. The channels-last default does not show it, and trained
-weights do not produce denormals. Use ``--same-weights`` or trained weights for NCHW comparisons.
+logits), so that only the implementations differ.
 
     python tools/bench_backbones.py --model efficientnet-lite0 --peer-timm efficientnet_lite0 --peer-torchvision ''
 """
