@@ -402,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from backbones.errors import EffdenseError
 
+    from .engine.host import keep_freed_memory
+
+    keep_freed_memory()  # large CPU tensors reuse freed memory instead of page-faulting fresh pages
+
     try:
         return args.func(args)
     except EffdenseError as error:
