@@ -215,3 +215,41 @@ def weights_meta(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(state, dict) and state.get("format") == FORMAT:
         return {k: v for k, v in (state.get("meta") or {}).items() if v is not None}
     return {}
+
+
+# Settings that shape the schedule and the data position: a checkpoint's scheduler and position are only
+# valid for the same values (a resumed scheduler keeps the old total length and milestones).
+RESUME_KEYS = ("train.epochs", "train.grad_accum", "data.batch_size", "optim", "schedule")
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def check_resumable(state: dict[str, Any], path, config: dict, *, steps_per_epoch: int, global_batch: int,
+                    world_size: int) -> None:
+    """Refuse (one line naming every difference) a resume whose config (``RESUME_KEYS``), steps per epoch,
+    global batch or, mid-epoch, number of processes differ from those of the run that wrote ``state``."""
+    saved = state.get("config") or {}
+    changed = []
+    for key in RESUME_KEYS:
+        old, new = _lookup(saved, key), _lookup(config, key)
+        if old is not None and old != new:
+            changed.append(f"{key} {old} -> {new}")
+    # The schedule's length and the scaled LR were fixed by these: a new dataset size or world size would
+    # keep the old T_max / LR (cosine climbing again after its old end).
+    for key, now in (("steps_per_epoch", steps_per_epoch), ("global_batch", global_batch)):
+        then = state.get(key)
+        if then is not None and then != now:
+            why = "a different dataset size or world size" if key == "steps_per_epoch" else "a different world size"
+            changed.append(f"{key.replace('_', ' ')} {then} -> {now} ({why})")
+    processes = len(state.get("rng") or [])
+    if processes and processes != world_size and state["batch_in_epoch"]:
+        changed.append(f"processes {processes} -> {world_size} (mid-epoch checkpoint)")
+    if changed:
+        raise EngineError(f"cannot resume {path}: {'; '.join(changed)} differ from the run that wrote it; resume "
+                          f"with the same settings, or start a new run from its weights (eval/--set model.weights)")

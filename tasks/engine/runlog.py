@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -20,12 +21,33 @@ from typing import Any
 import torch
 
 from .checkpoint import atomic_write
+from .errors import EngineError
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 METRICS_PLOT = "metrics.png"
 # What one run writes (besides TensorBoard's events.out.* files): a reused directory is checked for these.
 RUN_FILES = (METRICS_FILE, LOSS_PLOT, METRICS_PLOT, "config.yaml", "last.pt", "best.pt", "model.safetensors")
+
+
+def claim_run_dir(run_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse a directory that holds another run's files (``RUN_FILES``, TensorBoard events), unless
+    ``overwrite`` (``train.overwrite`` / ``--overwrite``), which removes them first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    found = sorted(p.name for p in run_dir.iterdir() if p.name in RUN_FILES or p.name.startswith("events.out"))
+    if not found:
+        return
+    if not overwrite:
+        raise EngineError(f"run directory {run_dir} already holds a run ({', '.join(found[:4])}); continue it "
+                          f"with --resume {run_dir / 'last.pt'}, choose another --output / train.run_name, "
+                          f"or pass --overwrite (train.overwrite=true) to replace it")
+    for name in found:
+        (run_dir / name).unlink()
+    log.info("train.overwrite: removed the previous run's files from %s", run_dir)
 
 
 def config_dict(cfg: Any) -> dict:

@@ -44,9 +44,9 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .distributed import to_device
 from .errors import EngineError
-from .evaluate import AMP_DTYPES, autocast, images_to_device, is_improvement, run_evaluation
+from .evaluate import autocast, images_to_device, is_improvement, run_evaluation
 from .optim import ModelEMA, build_optimizer, build_schedule, scaled_lr, steps_per_epoch
-from .runlog import RUN_FILES, LossTracker, RunLog, config_dict, progress_bar, write_config
+from .runlog import LossTracker, RunLog, claim_run_dir, config_dict, progress_bar, write_config
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,8 @@ class Trainer:
         if "train" not in self.loaders:
             raise ValueError(f"loaders has keys {sorted(self.loaders)} but fit() needs 'train' (and 'val' to evaluate)")
         if self._create_run_dir and self.is_main:
-            self._claim_run_dir()
+            if self._last_checkpoint is None:  # resuming continues this directory's run
+                claim_run_dir(self.run_dir, overwrite=self.train_cfg.overwrite)
             ckpt.remove_stale_temp_files(self.run_dir)
             self._runlog = RunLog(self.run_dir, resume_step=self.step if self._last_checkpoint else None)
             write_config(self.cfg, self.run_dir / "config.yaml")
@@ -207,7 +208,8 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by ``fit`` so that the next ``fit`` continues exactly where it stopped."""
         state = ckpt.load_checkpoint(path)
-        self._check_resumable(state, path)
+        ckpt.check_resumable(state, path, config_dict(self.cfg), steps_per_epoch=self.steps_per_epoch,
+                             global_batch=self.global_batch, world_size=self.dist.world_size)
         ckpt.restore_training_state(state, path, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                     scheduler=self.scheduler, scaler=self.scaler)
         if self.ema is not None and state.get("ema") is None:  # EMA switched on now: start it from these weights
@@ -226,31 +228,6 @@ class Trainer:
         if self.is_main:
             log.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)", path, self.epoch + 1,
                      self.step, self.batch_in_epoch)
-
-    # Settings that shape the schedule and the data position: a checkpoint's scheduler and position are
-    # only valid for the same values (a resumed scheduler keeps the old total length and milestones).
-    RESUME_KEYS = ("train.epochs", "train.grad_accum", "data.batch_size", "optim", "schedule")
-
-    def _check_resumable(self, state: dict, path) -> None:
-        saved, current = state.get("config") or {}, config_dict(self.cfg)
-        changed = []
-        for key in self.RESUME_KEYS:
-            old, new = _lookup(saved, key), _lookup(current, key)
-            if old is not None and old != new:
-                changed.append(f"{key} {old} -> {new}")
-        # The schedule's length and the scaled LR were fixed by these: a new dataset size or world size
-        # would keep the old T_max / LR (cosine climbing again after its old end).
-        for key, now in (("steps_per_epoch", self.steps_per_epoch), ("global_batch", self.global_batch)):
-            then = state.get(key)
-            if then is not None and then != now:
-                why = "a different dataset size or world size" if key == "steps_per_epoch" else "a different world size"
-                changed.append(f"{key.replace('_', ' ')} {then} -> {now} ({why})")
-        processes = len(state.get("rng") or [])
-        if processes and processes != self.dist.world_size and state["batch_in_epoch"]:
-            changed.append(f"processes {processes} -> {self.dist.world_size} (mid-epoch checkpoint)")
-        if changed:
-            raise EngineError(f"cannot resume {path}: {'; '.join(changed)} differ from the run that wrote it; resume "
-                             f"with the same settings, or start a new run from its weights (eval/--set model.weights)")
 
     # ------------------------------------------------------------------ one epoch
 
@@ -442,21 +419,6 @@ class Trainer:
         extra = getattr(self.model, "extra_meta", None)
         return {"task": self.cfg.model.task, "class_names": self.class_names, **(extra() if extra else {})}
 
-    def _claim_run_dir(self) -> None:
-        """Refuse a directory holding another run (unless ``train.overwrite``, which clears its run files)."""
-        if self._last_checkpoint is not None or not self.run_dir.is_dir():
-            return  # resuming continues this directory's run
-        found = sorted(p.name for p in self.run_dir.iterdir() if p.name in RUN_FILES or p.name.startswith("events.out"))
-        if not found:
-            return
-        if not self.train_cfg.overwrite:
-            raise EngineError(f"run directory {self.run_dir} already holds a run ({', '.join(found[:4])}); continue it "
-                              f"with --resume {self.run_dir / 'last.pt'}, choose another --output / train.run_name, "
-                              f"or pass --overwrite (train.overwrite=true) to replace it")
-        for name in found:
-            (self.run_dir / name).unlink()
-        log.info("train.overwrite: removed the previous run's files from %s", self.run_dir)
-
     def _max_steps_reached(self) -> bool:
         return self.train_cfg.max_steps is not None and self.step >= self.train_cfg.max_steps
 
@@ -466,14 +428,6 @@ class Trainer:
 
     def _autocast(self):
         return autocast(self.device, self.train_cfg.amp)
-
-
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
 
 
 def _check_sharded(loaders: dict, world_size: int) -> None:
