@@ -21,14 +21,7 @@ needs_detection = pytest.mark.skipif(build_detector is None, reason="tasks.detec
 onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP's spinning barrier across 2 threads made
-    these runs up to 20x slower whenever another process held a core (measured); results are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
