@@ -146,13 +146,21 @@ def build_segmenter(backbone: str = "efficientnet-b0", num_classes: int = 19, we
     decoder = UNetDecoder.for_backbone(net, decoder_channels=list(decoder_channels)[:encoder_depth],
                                        attention=attention, norm=decoder_norm, upsampling=upsampling)
     head = SegmentationHead(decoder.out_channels, num_classes)
+    return _assemble(net, decoder, head, aux_classes, aux_pooling, aux_dropout, backbone_weights, state, label,
+                     found if state is not None else None)
+
+
+def _assemble(net, decoder, head, aux_classes: int | None, aux_pooling: str, aux_dropout: float,
+              backbone_weights, state: dict | None, label: str | None, smp_flavour: str | None) -> Segmenter:
+    """Backbone + decoder + head (+ the aux head on the deepest tap) as a :class:`Segmenter`, then the
+    encoder's ``backbone_weights`` and the whole-model ``state`` (read from ``label``), when given."""
     aux = None if aux_classes is None else AuxClassificationHead(net.feature_info[-1].channels, aux_classes,
                                                                  pooling=aux_pooling, dropout=aux_dropout)
     model = Segmenter(net, decoder, head, aux)
     if backbone_weights is not None:
         load_weights(model.backbone, backbone_weights)
     if state is not None:
-        _load_whole(model, state, label, found)
+        _load_whole(model, state, label, smp_flavour)
     return model
 
 

@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from torch import nn
 
 import backbones
-from backbones.weights import load_weights, read_state_dict
+from backbones.weights import read_state_dict
 from heads.bifpn_seg import DEFAULT_LEVELS, TAP_LEVELS, BiFPNSegDecoder, BiFPNSegHead, backbone_taps, check_levels
-from heads.unet import AuxClassificationHead
 
-from .segmentation import UNET_DEFAULTS, Segmenter, _load_whole
+from .segmentation import UNET_DEFAULTS, Segmenter, _assemble
 
 __all__ = ["build_bifpn_segmenter", "bifpn_size"]
 
@@ -74,11 +73,5 @@ def build_bifpn_segmenter(backbone: str, num_classes: int, weights, bifpn: dict,
                                            refine_width=bifpn["refine_width"], padding=net.padding, **norm)
     head = BiFPNSegHead(decoder.out_channels, num_classes, depth=2 if bifpn["head_depth"] is None else
                         bifpn["head_depth"], **norm)
-    aux = None if aux_classes is None else AuxClassificationHead(net.feature_info[-1].channels, aux_classes,
-                                                                 pooling=aux_pooling, dropout=aux_dropout)
-    model = Segmenter(net, decoder, head, aux)
-    if backbone_weights is not None:
-        load_weights(model.backbone, backbone_weights)
-    if state is not None:
-        _load_whole(model, state, label, smp_interop.detect_flavour(state, label))
-    return model
+    flavour = smp_interop.detect_flavour(state, label) if state is not None else None
+    return _assemble(net, decoder, head, aux_classes, aux_pooling, aux_dropout, backbone_weights, state, label, flavour)
