@@ -33,6 +33,7 @@ def cmd_train(args) -> int:
     from .data import build_loaders
     from .engine import NonFiniteLossError, Trainer, TrainingInterrupted
     from .engine.distributed import cleanup
+    from .scaling import describe as describe_scale
 
     cfg = _load_config(args)
     if args.output:
@@ -45,7 +46,7 @@ def cmd_train(args) -> int:
         if cfg.train.batch_size == "auto":
             run_files["batch_size.json"] = _auto_batch_size(cfg)
         loaders = build_loaders(cfg)  # under torchrun this joins the process group first
-        scale = describe_scale(cfg)
+        scale = describe_scale(cfg)  # what model.phi / model.scale resolves to
         run_files["scale.json"] = scale
         trainer = Trainer(registry.build_model(cfg), loaders, cfg, run_files=run_files)
         if trainer.is_main:
@@ -82,13 +83,6 @@ def _auto_batch_size(cfg) -> dict:
     cfg.data.batch_size = int(batch)
     log.info("train.batch_size=auto: %s", message)
     return {"batch_size": cfg.data.batch_size, "lr": scaled_lr(cfg), "message": message}
-
-
-def describe_scale(cfg) -> dict:
-    """What the config's scale (``model.phi`` / ``model.scale`` / backbone) resolves to, as plain data."""
-    from .scaling import describe
-
-    return describe(cfg)
 
 
 def load_task_weights(task_model, path: str, task: str | None = None) -> dict:
@@ -266,7 +260,7 @@ def cmd_export(args) -> int:
     result = export(model.eval(), args.format, args.output, example, dynamic_batch=args.dynamic_batch,
                     postprocess=args.postprocess, include_normalization=not args.float_input,
                     check=not args.no_check)
-    print(result.summary() if hasattr(result, "summary") else f"wrote {args.output}")
+    print(result.summary())
     return 0
 
 
