@@ -351,31 +351,26 @@ def annotation_paths(cfg, split: str, train: bool):
     return (ann or default_ann), (images or default_dir)
 
 
-def detector_name(model_cfg) -> tuple[str, dict]:
-    """(build_detector name, its phi option) for ``model.phi`` / ``model.scale`` / ``model.backbone``."""
+def detector_name(model_cfg) -> str:
+    """The build_detector name of ``model.scale`` / ``model.backbone`` (``model.phi`` goes through
+    ``tasks.scaling.detector_at`` instead)."""
     from .schema import detection_scale
 
-    scale = detection_scale(model_cfg)
-    if isinstance(scale, float) and not scale.is_integer():
-        return "efficientdet", {"phi": scale}
-    index = str(scale).lower().removeprefix("efficientdet-").removeprefix("d")
-    if index.endswith(".0"):
-        index = index[:-2]
-    return f"efficientdet-d{index}", {}
+    index = str(detection_scale(model_cfg)).lower().removeprefix("efficientdet-").removeprefix("d")
+    return f"efficientdet-d{index.removesuffix('.0')}"
 
 
 def build_model(cfg) -> DetectionTask:
     """The detection task module a ``tasks.config.DetectionConfig`` describes. Class names and the
     label -> category id map come from the validation json when it exists (else from the weights file,
     which stores them)."""
-    import json
-
     from .scaling import detector_at
 
     m, det, loss = cfg.model, cfg.model.detection, cfg.loss
-    name, options = detector_name(m)
     if m.phi is not None:  # the row model.phi resolves to (a fractional phi interpolates the table)
         name, options = "efficientdet", {"preset": detector_at(m.phi)}
+    else:
+        name, options = detector_name(m), {}
     if m.norm_eps is not None:
         options["backbone_norm_eps"] = m.norm_eps
     if m.norm_momentum is not None:
