@@ -191,7 +191,6 @@ class BudgetResult:
     chosen: int | None
     stopped_by: str
     settings: dict = field(default_factory=dict)
-    search: "PhiSearch | None" = None
 
     def table(self) -> str:
         from .budget_report import format_table
@@ -271,10 +270,10 @@ def run_budget(cfg, limits: Limits = Limits(), scales: Sequence[Scale] | None = 
     rows: list[Row] = []
     stop = None
     bar = progress_bar(scales, enabled=progress, desc="budget", total=len(scales))
-    for scale in bar if bar is not None else scales:
+    for scale in bar:
         scaled = config_for(cfg, scale, image_size)
         if stop is None:
-            if progress and hasattr(bar, "set_postfix_str"):
+            if progress:
                 bar.set_postfix_str(scale.label)
             measurement = measure(scaled)
         else:
@@ -376,7 +375,6 @@ def search_phi(cfg, limits: Limits, low: float = 0.0, high: float | None = None,
                           {"runs": runs, "image_size": image_size, "search": "phi", "step": step})
     phi = round(lo * step, 4)
     search = PhiSearch(phi, " ".join(f"--set {arg}" for arg in rows[lo].set_args), result)
-    result.search = search
     return search
 
 

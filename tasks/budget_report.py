@@ -53,7 +53,7 @@ def to_json(result) -> dict:
     rows = []
     for index, row in enumerate(result.rows):
         rows.append({"scale": row.scale.label, "set": row.set_args, "image_size": list(row.image_size),
-                     **{k: v for k, v in asdict(row.measurement).items()}, "accuracy": row.accuracy,
+                     **asdict(row.measurement), "accuracy": row.accuracy,
                      "fits": row.fits, "chosen": index == result.chosen,
                      "violations": {k: {"value": v, "limit": lim, "times_over": over}
                                     for k, (v, lim, over) in row.violations.items()}})

@@ -61,7 +61,6 @@ __all__ = ["FORMATS", "POSTPROCESS", "ExportError", "ExportResult", "export", "p
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 POSTPROCESS = ("outside", "inside")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 TOLERANCE = 1e-4
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ONNX_OPSET = 18
@@ -295,7 +294,6 @@ def export(model: nn.Module, format: str, out_path, example_input: torch.Tensor,
     result = ExportResult(path, format, ["images"], output_names)
     if check:
         result.errors = _check(result, reference, example_input, dynamic_batch, tolerance)
-    log.info(result.summary())
     return result
 
 

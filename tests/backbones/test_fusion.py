@@ -8,16 +8,10 @@ from torch import nn
 from backbones.blocks import Conv2dSame, ConvNormAct
 from backbones.fusion import FusionError, FusionReport, fuse_for_inference
 from tasks.classification import ClassificationTask, build_classifier
+from tasks.detection import build_detector
 from tasks.segmentation import build_segmenter
 
-try:
-    from tasks.detection import build_detector
-except ImportError:  # detection not built yet
-    build_detector = None
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def _perturb_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -87,7 +81,6 @@ def test_unet_logits_equal():
     assert _params(fused) == _params(model) - bn_channels
 
 
-@pytest.mark.skipif(build_detector is None, reason="tasks.detection.build_detector is not available yet")
 def test_efficientdet_maps_equal_shared_head_convs_copied_per_level():
     torch.manual_seed(0)
     model = _perturb_batchnorms(build_detector("efficientdet-d0", num_classes=6))

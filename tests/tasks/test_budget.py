@@ -7,9 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.budget import (COCO_AP, IMAGENET_TOP1, BudgetError, Limits, default_scales, run_budget, scales_from,
-                          search_phi)
-from tasks.budget_measure import EXAMPLE_BATCHES, Measurement, find_batch_size, measure_scale
+from tasks.budget import (
+    COCO_AP,
+    IMAGENET_TOP1,
+    BudgetError,
+    Limits,
+    default_scales,
+    run_budget,
+    scales_from,
+    search_phi,
+)
+from tasks.budget_measure import (
+    EXAMPLE_BATCHES,
+    Measurement,
+    find_batch_size,
+    measure_scale,
+)
 from tasks.config import load
 from tasks.schema import DetectionConfig
 
@@ -18,7 +31,6 @@ ALL_B = [f"efficientnet-b{i}" for i in range(8)]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 @pytest.fixture
@@ -123,8 +135,6 @@ def test_scale_names_and_default_ranges():
     assert COCO_AP["7x"] == 54.4
 
 
-@pytest.mark.skipif(not hasattr(__import__("heads"), "efficientdet_preset"),
-                    reason="heads does not export efficientdet_preset yet (the detection native size needs it)")
 def test_detection_scales_use_the_native_input_size():
     cfg = DetectionConfig()
     cfg.train.device = "cpu"
