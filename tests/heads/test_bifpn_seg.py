@@ -260,7 +260,7 @@ def test_levels_follow_the_training_crop_in_build_model():
     assert levels_for_crop((256, 256)) == tuple(range(2, 7)) and levels_for_crop((128, 256)) == tuple(range(2, 6))
     assert levels_for_crop((16, 16)) == (2, 3)  # never fewer than two levels
     cfg = load(Path(__file__).resolve().parents[2] / "configs/demo/segmentation.yaml")
-    cfg.model.segmentation.head = "bifpn"  # what the lead's schema key will hold
+    cfg.model.segmentation.head = "bifpn"  # model.segmentation.head in the schema
     with torch.device("meta"):
         task = build_model(cfg)
     decoder = task.net.decoder
