@@ -129,6 +129,16 @@ def category_maps(categories: list[dict], label_map: str = "contiguous", path: s
     return cat_ids, {cid: cid - 1 for cid in names}, [names.get(cid, f"id-{cid}") for cid in cat_ids]
 
 
+def classes_problem(annotation_file, count: int, num_classes: int, label_map: str) -> str:
+    """The one line for a model whose class count is not the annotation file's (``count`` classes)."""
+    if label_map == "category_id":
+        return (f"model.num_classes={num_classes} but {annotation_file} has category ids up to {count} "
+                f"(data.label_map=category_id: one class per id); set model.num_classes={count}")
+    return (f"model.num_classes={num_classes} but {annotation_file} has {count} categories; set "
+            f"model.num_classes={count} (or data.label_map=category_id for checkpoints with one class per "
+            f"category id, e.g. effdet's 90-class COCO weights)")
+
+
 def annotation_problem(path: Path, ann: dict, image: dict | None, cat_to_label: dict) -> str | None:
     """A one-line description of what is wrong with ``ann`` (None when it is usable)."""
     where = f"{path}: annotation id {ann['id']}"
@@ -299,11 +309,12 @@ class CocoDetection(Dataset):
 
 def check_coco(root: str | Path | None = None, split: str = "train", *, annotation_file: str | Path | None = None,
                image_dir: str | Path | None = None, decode: bool = True, workers: int = 4,
-               progress: bool = False) -> list[str]:
+               progress: bool = False, num_classes: int | None = None, label_map: str = "contiguous") -> list[str]:
     """Every problem in one COCO split, one line each ([] when clean): the json (not json, missing keys),
-    each bad annotation (outside the image, negative size, unknown category or image id), boxes given as
-    [x1, y1, x2, y2] when that is obvious, images listed but missing, unreadable or of another size
-    (``decode=False`` only checks that they exist; ``workers`` threads decode, ``progress`` shows a bar)."""
+    a class count other than ``num_classes`` (when given, under ``label_map``), each bad annotation
+    (outside the image, negative size, unknown category or image id), boxes given as [x1, y1, x2, y2]
+    when that is obvious, images listed but missing, unreadable or of another size (``decode=False``
+    only checks that they exist; ``workers`` threads decode, ``progress`` shows a bar)."""
     if annotation_file is None or image_dir is None:
         default_ann, default_dir = coco_paths(root, split)
         annotation_file, image_dir = annotation_file or default_ann, image_dir or default_dir
@@ -312,9 +323,14 @@ def check_coco(root: str | Path | None = None, split: str = "train", *, annotati
         data = read_annotation_file(annotation_file)
     except CocoFormatError as error:
         return [str(error)]
-    _, cat_to_label, _ = category_maps(data["categories"])
-    images = {im["id"]: im for im in data["images"]}
     problems, outside, fits_xyxy, corners = [], 0, 0, 0
+    try:
+        cat_ids, cat_to_label, _ = category_maps(data["categories"], label_map, annotation_file)
+    except CocoFormatError as error:
+        return [str(error)]
+    if num_classes is not None and len(cat_ids) != num_classes:
+        problems.append(classes_problem(annotation_file, len(cat_ids), num_classes, label_map))
+    images = {im["id"]: im for im in data["images"]}
     for ann in data["annotations"]:
         problem = annotation_problem(annotation_file, ann, images.get(ann["image_id"]), cat_to_label)
         if problem:

@@ -118,7 +118,7 @@ def _segmentation_collate_for(cfg: Config, train: bool):
 def _coco_dataset(cfg: Config, split: str, train: bool):
     from tasks.detection import annotation_paths
 
-    from .coco import CocoDetection
+    from .coco import CocoDetection, classes_problem
     from .det_transforms import DetectionEvalTransform, DetectionTrainTransform
 
     size, augment = resolve_image_size(cfg), cfg.data.augment
@@ -129,17 +129,9 @@ def _coco_dataset(cfg: Config, split: str, train: bool):
                             max_instances=cfg.data.max_instances, on_bad_sample=cfg.data.on_bad_sample,
                             label_map=cfg.data.label_map)
     if dataset.num_classes != cfg.model.num_classes:
-        raise DataError(_coco_classes_problem(cfg, annotation_file, dataset.num_classes))
+        raise DataError(classes_problem(annotation_file, dataset.num_classes, cfg.model.num_classes,
+                                        cfg.data.label_map))
     return dataset
-
-def _coco_classes_problem(cfg: Config, annotation_file, count: int) -> str:
-    if cfg.data.label_map == "category_id":
-        return (f"model.num_classes={cfg.model.num_classes} but {annotation_file} has category ids up to {count} "
-                f"(data.label_map=category_id: one class per id); set model.num_classes={count}")
-    return (f"model.num_classes={cfg.model.num_classes} but {annotation_file} has {count} categories; set "
-            f"model.num_classes={count} (or data.label_map=category_id for checkpoints with one class per "
-            f"category id, e.g. effdet's 90-class COCO weights)")
-
 
 def _coco_collate(cfg: Config, train: bool):
     from .det_transforms import detection_collate
@@ -149,18 +141,14 @@ def _coco_collate(cfg: Config, train: bool):
 def _check_coco(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
     from tasks.detection import annotation_paths
 
-    from .coco import category_maps, check_coco, read_annotation_file
+    from .coco import check_coco
 
     problems = []
     for split, train in ((cfg.data.train_split, True), (cfg.data.val_split, False)):
         annotation_file, image_dir = annotation_paths(cfg, split, train)
         problems += check_coco(cfg.data.root, split, annotation_file=annotation_file, image_dir=image_dir,
-                               workers=workers, progress=progress)
-        if annotation_file.is_file() and not problems:
-            categories = read_annotation_file(annotation_file)["categories"]
-            count = len(category_maps(categories, cfg.data.label_map, annotation_file)[0])
-            if count != cfg.model.num_classes:
-                problems.append(_coco_classes_problem(cfg, annotation_file, count))
+                               workers=workers, progress=progress, num_classes=cfg.model.num_classes,
+                               label_map=cfg.data.label_map)
     return problems
 
 def _synth_coco(root: str | Path, seed: int = 0, **options) -> Path:
