@@ -244,3 +244,21 @@ class BiFPN(nn.Module):
         for cell in self.cells:
             maps = cell(maps)
         return maps
+
+
+def init_bifpn(module: nn.Module) -> None:
+    """TF/Keras defaults for a pyramid (EfficientDet's BiFPN, the BiFPN segmentation head): glorot-uniform
+    conv kernels (fan-out per group), zero biases, BatchNorm 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            area = m.weight[0][0].numel()
+            fan_in, fan_out = m.weight.shape[1] * area, m.weight.shape[0] * area // m.groups
+            limit = math.sqrt(6.0 / max(2.0, fan_in + fan_out))
+            with torch.no_grad():
+                m.weight.uniform_(-limit, limit)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from backbones.blocks import ACTIVATIONS
 
-from .bifpn import BiFPN, ConvBN, SeparableConv2d
+from .bifpn import BiFPN, ConvBN, SeparableConv2d, init_bifpn
 
 __all__ = ["DEFAULT_LEVELS", "TAP_LEVELS", "BiFPNSegDecoder", "BiFPNSegHead", "backbone_taps", "check_levels",
            "levels_for_crop", "tap_names"]
@@ -203,8 +203,8 @@ class _Refine(nn.Module):
 
 class BiFPNSegHead(nn.Module):
     """Per-pixel classifier: ``depth`` x (separable 3x3 conv -> BN -> activation), 1x1 conv (bias) to
-    ``num_classes`` logits; ``forward(x, output_size=None)`` resizes them bilinearly to ``output_size``
-    when given (``tasks.segmentation.Segmenter`` resizes to the input size)."""
+    ``num_classes`` logits at the finest level's stride (``tasks.segmentation.Segmenter`` resizes them to
+    the input size)."""
 
     def __init__(self, in_channels: int, num_classes: int, depth: int = 2, act: str = "silu", norm_eps: float = 1e-3,
                  norm_momentum: float = 0.01):
@@ -226,26 +226,5 @@ class BiFPNSegHead(nn.Module):
         nn.init.xavier_uniform_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, x: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
-        logits = self.classifier(self.convs(x))
-        if output_size is not None and tuple(logits.shape[-2:]) != tuple(output_size):
-            logits = F.interpolate(logits, size=tuple(output_size), mode="bilinear", align_corners=False)
-        return logits
-
-
-def init_bifpn(module: nn.Module) -> None:
-    """TF/Keras defaults, as EfficientDet's pyramid: glorot-uniform conv kernels (fan-out per group), zero
-    biases, BatchNorm 1/0."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            area = m.weight[0][0].numel()
-            fan_in, fan_out = m.weight.shape[1] * area, m.weight.shape[0] * area // m.groups
-            limit = math.sqrt(6.0 / max(2.0, fan_in + fan_out))
-            with torch.no_grad():
-                m.weight.uniform_(-limit, limit)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.convs(x))

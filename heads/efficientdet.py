@@ -19,7 +19,7 @@ from torch import nn
 from backbones.blocks import ACTIVATIONS
 from backbones.specs import make_divisible
 
-from .bifpn import BiFPN, SeparableConv2d
+from .bifpn import BiFPN, SeparableConv2d, init_bifpn
 
 PRIOR_PROBABILITY = 0.01  # the class bias starts every anchor at p = 0.01 (focal-loss paper)
 
@@ -80,14 +80,6 @@ def _variance_scaling_(weight: torch.Tensor) -> None:
         weight.normal_(0.0, math.sqrt(1.0 / max(1.0, fan_in)))
 
 
-def _glorot_uniform_(weight: torch.Tensor, groups: int) -> None:
-    area = weight[0][0].numel()
-    fan_in, fan_out = weight.shape[1] * area, weight.shape[0] * area // groups
-    limit = math.sqrt(6.0 / max(2.0, fan_in + fan_out))
-    with torch.no_grad():
-        weight.uniform_(-limit, limit)
-
-
 class EfficientDet(nn.Module):
     """``backbone`` (s8, s16, s32 taps) -> :class:`BiFPN` -> class and box nets.
 
@@ -122,12 +114,7 @@ class EfficientDet(nn.Module):
         self.class_net = HeadNet(width, num_classes, num_anchors, head_depth, len(self.levels), act=act,
                                  prior_probability=PRIOR_PROBABILITY, **norm)
         self.box_net = HeadNet(width, 4, num_anchors, head_depth, len(self.levels), act=act, **norm)
-        for name, module in self.fpn.named_modules():
-            if isinstance(module, nn.Conv2d):
-                _glorot_uniform_(module.weight, module.groups)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_bifpn(self.fpn)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the backbone's stage activations in backward (the largest share of the memory)."""
