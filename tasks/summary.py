@@ -54,7 +54,7 @@ def describe_task(task: str, scale: str | None = None, phi: float | None = None,
     """One row for ``effdense backbones --task``: the whole task model at a named ``scale`` or a free ``phi``:
     parameters, GMACs at the task's input size (classification and detection: the scale's own; segmentation:
     512x1024 unless ``size``), the resolution, and what the scale resolves to. Built on the meta device."""
-    from . import registry
+    from .budget_measure import count_cost
     from .config import resolve_image_size, schema_for, validate
     from .scaling import describe
 
@@ -68,18 +68,11 @@ def describe_task(task: str, scale: str | None = None, phi: float | None = None,
     cfg.train.device = "cpu"
     validate(cfg)
     height, width = resolve_image_size(cfg)
-    with torch.device("meta"):
-        model = registry.build_model(cfg).eval()
-        net = model.net
-        image = torch.empty(1, 3, height, width)
-        run = getattr(net, "forward_raw", net)  # detection: the class/box maps, without NMS
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            run(image)
+    params_m, gmacs = count_cost(cfg)
     info = describe(cfg)
     label = info.get("detector") or info["backbone"]
-    return {"name": label if task != "segmentation" else f"{head}-{label}",
-            "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
-            "gmacs": counter.get_total_flops() / 2e9, "resolution": f"{height}x{width}", "info": info}
+    return {"name": label if task != "segmentation" else f"{head}-{label}", "params_m": params_m, "gmacs": gmacs,
+            "resolution": f"{height}x{width}", "info": info}
 
 
 def format_task_table(task: str, rows: list[dict]) -> str:
