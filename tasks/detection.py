@@ -22,8 +22,7 @@ from heads.efficientdet import EfficientDet, EfficientDetPreset, efficientdet_pr
 
 from .detection_loss import BOX_LOSS_WEIGHT, FOCAL_ALPHA, FOCAL_GAMMA, HUBER_DELTA, detection_loss
 from .detection_postprocess import PostProcess, postprocess
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from .schema import IMAGENET_MEAN, IMAGENET_STD
 
 
 class EfficientDetector(EfficientDet):

@@ -54,6 +54,8 @@ from backbones.blocks import Conv2dSame
 from backbones.errors import EffdenseError
 from backbones.fusion import fuse_for_inference
 
+from .schema import IMAGENET_MEAN, IMAGENET_STD
+
 log = logging.getLogger("effdense")
 
 __all__ = ["FORMATS", "POSTPROCESS", "ExportError", "ExportResult", "export", "prepare", "freeze_same_padding",
@@ -62,7 +64,6 @@ __all__ = ["FORMATS", "POSTPROCESS", "ExportError", "ExportResult", "export", "p
 FORMATS = ("onnx", "torchscript", "exported-program")
 POSTPROCESS = ("outside", "inside")
 TOLERANCE = 1e-4
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ONNX_OPSET = 18
 
 

@@ -31,6 +31,7 @@ from backbones.weights import load_state, load_weights, read_state_dict
 from heads.bifpn_seg import BiFPNSegDecoder, BiFPNSegHead, levels_for_crop
 from heads.unet import AuxClassificationHead, SegmentationHead, UNetDecoder
 
+from .schema import IMAGENET_MEAN, IMAGENET_STD
 from .segmentation_eval import SegmentationEvaluator
 from .segmentation_losses import SegmentationLoss
 
@@ -38,7 +39,6 @@ log = logging.getLogger("effdense")
 
 __all__ = ["Segmenter", "build_segmenter", "SegmentationTask", "slide_logits", "INFERENCE_MODES"]
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INFERENCE_MODES = ("whole", "slide")
 HEADS = ("unet", "bifpn")
 UNET_DEFAULTS = dict(decoder_channels=(256, 128, 64, 32, 16), attention=None, decoder_norm="batchnorm",
