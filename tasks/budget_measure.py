@@ -224,8 +224,7 @@ def measure_scale(cfg, *, device: torch.device | str | None = None, runs: int | 
     model = None
     stage = "building the model"
     try:
-        model = build(_no_weights(cfg)).to(device, memory_format=torch.channels_last if cfg.train.channels_last
-                                           else torch.preserve_format).eval()
+        model = _build_on(cfg, build, device).eval()
         stage = "inference at batch 1"
         with torch.inference_mode(), autocast(device, cfg.train.amp):
             one = images_to_device(example_batch(cfg, 1)[0], device, cfg.train.channels_last)
@@ -244,6 +243,12 @@ def measure_scale(cfg, *, device: torch.device | str | None = None, runs: int | 
         del model
         release_memory(device)
     return result
+
+
+def _build_on(cfg, build: Callable, device: torch.device):
+    """``cfg``'s model without weight files, on ``device`` in the config's memory format."""
+    return build(_no_weights(cfg)).to(device, memory_format=torch.channels_last if cfg.train.channels_last
+                                      else torch.preserve_format)
 
 
 def _measure_training(model, cfg, device, steps: int, result: Measurement) -> None:
@@ -311,9 +316,9 @@ def find_batch_size(cfg, *, device: torch.device | str | None = None, margin: fl
         except Exception as error:  # noqa: BLE001
             if not is_oom(error):
                 raise
-            probes.append((batch, False, None))
-            release_memory(device)
-            return False
+        probes.append((batch, False, None))
+        release_memory(device)  # out of the except block: the error's traceback no longer holds the probe's tensors
+        return False
 
     low, high, batch = 0, None, max(1, cfg.data.batch_size)  # low fits, high does not
     while batch <= max_batch:
@@ -340,20 +345,14 @@ def find_batch_size(cfg, *, device: torch.device | str | None = None, margin: fl
 
 
 def _probe(cfg, batch: int, device: torch.device, steps: int, build: Callable) -> float:
-    """``steps`` training steps at ``batch``; returns the peak memory in GB (raises on OOM)."""
-    model = optimizer = images = targets = None
+    """``steps`` training steps at ``batch`` (``cfg.data.batch_size``); returns the peak memory in GB
+    (raises on OOM)."""
+    model = None
     try:
-        model = build(_no_weights(cfg)).to(device, memory_format=torch.channels_last if cfg.train.channels_last
-                                           else torch.preserve_format).train()
-        optimizer = build_optimizer(model, cfg)
-        scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
-        images, targets = example_batch(cfg, batch, device)
-        images = images_to_device(images, device, cfg.train.channels_last)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(steps):
-            _train_step(model, optimizer, images, targets, cfg, device, scaler)
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        model = _build_on(cfg, build, device)
+        result = Measurement()
+        _measure_training(model, cfg, device, max(1, steps - 1), result)  # a warm-up step + the rest
+        return result.peak_memory_gb
     finally:
-        del model, optimizer, images, targets
+        del model
         release_memory(device)
