@@ -196,8 +196,8 @@ class DetectionTask(nn.Module):
 
     Train mode: ``forward(images, targets)`` -> ``{"class_loss", "box_loss"}``; eval mode:
     ``forward(images)`` -> detections in input pixels (the evaluator maps them to the original image
-    with each target's ``scale``/``offset``). ``annotation_file`` is the evaluation split's COCO json;
-    ``detections_dir``, when set, receives ``detections.json`` at each evaluation; ``class_names`` and
+    with each target's ``scale``/``offset``). ``annotation_file`` is the evaluation split's COCO json
+    (the engine writes the evaluator's ``detections.json`` into the run directory); ``class_names`` and
     ``cat_ids`` (label -> the json's category id) label what :func:`predict_paths` draws and writes;
     ``label_map`` (``data.label_map``) is how the evaluator maps labels to the json's ids.
     """
@@ -205,14 +205,14 @@ class DetectionTask(nn.Module):
     primary_metric = "mAP"
 
     def __init__(self, net: EfficientDetector, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 annotation_file: str | None = None, detections_dir: str | None = None,
+                 annotation_file: str | None = None,
                  class_names: Sequence[str] | None = None, cat_ids: Sequence[int] | None = None,
                  label_map: str = "contiguous"):
         super().__init__()
         self.net = net
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_scale", 1.0 / (torch.tensor(std).view(1, -1, 1, 1) * 255), persistent=False)
-        self.annotation_file, self.detections_dir = annotation_file, detections_dir
+        self.annotation_file = annotation_file
         self.class_names = list(class_names) if class_names is not None else None
         self.cat_ids = [int(c) for c in cat_ids] if cat_ids is not None else None
         self.label_map = label_map
@@ -251,7 +251,7 @@ class DetectionTask(nn.Module):
         if (self._ground_truth is None or self._ground_truth.path != str(self.annotation_file)
                 or self._ground_truth.label_map != self.label_map):
             self._ground_truth = load_ground_truth(self.annotation_file, self.label_map)
-        return CocoEvaluator(self._ground_truth, post=self.net.post, output_dir=self.detections_dir)
+        return CocoEvaluator(self._ground_truth, post=self.net.post)
 
     @torch.no_grad()
     def detect(self, images: Sequence[torch.Tensor], size: int | Sequence[int] | None = None

@@ -3,9 +3,9 @@
 ``CocoEvaluator.update(detections, targets)`` maps each image's boxes back to the original image
 (the target's ``scale``/``offset``/``orig_size``), converts labels to the json's category ids and keeps
 compact rows ``[image_id, x, y, w, h, score, category_id]``. ``compute()`` gathers the rows (and the
-ids of every image seen, detections or not) to rank 0 with ``gather_object``, writes
-``detections.json`` (COCO results format) when ``output_dir`` is set, runs ``COCOeval(gt, dt, "bbox")``
-on exactly those rows, and broadcasts the 12 stats so every rank returns the same dict.
+ids of every image seen, detections or not) to rank 0 with ``gather_object``, runs
+``COCOeval(gt, dt, "bbox")`` on exactly those rows, and broadcasts the 12 stats so every rank returns
+the same dict. ``save(dir)`` then writes ``detections.json`` (COCO results format) and ``coco_eval.json``.
 """
 
 from __future__ import annotations
@@ -66,11 +66,13 @@ class CocoEvaluator:
     primary_metric = "mAP"
     higher_is_better = True
 
-    def __init__(self, ground_truth: GroundTruth | str | os.PathLike, post: PostProcess | None = None,
-                 output_dir: str | os.PathLike | None = None):
+    def __init__(self, ground_truth: GroundTruth | str | os.PathLike, post: PostProcess | None = None):
         self.gt = ground_truth if isinstance(ground_truth, GroundTruth) else load_ground_truth(ground_truth)
         self.post = post
-        self.output_dir = Path(output_dir) if output_dir is not None else None
+        # The last compute() on rank 0 (what save() writes): the detection rows, the stats, the image count.
+        self._last_rows: np.ndarray | None = None
+        self._last_stats: dict[str, float] | None = None
+        self._last_images = 0
         self.reset()
 
     def reset(self) -> None:
@@ -130,12 +132,10 @@ class CocoEvaluator:
         return self._evaluate(rows, seen)
 
     def _evaluate(self, rows: np.ndarray, seen: list[int]) -> dict[str, float]:
-        self._last_rows = rows
-        if self.output_dir is not None:
-            self.write(rows, self.output_dir / DETECTIONS_FILE)
+        self._last_rows, self._last_images = rows, len(seen)
         if not len(rows):
             log.warning("no detections on the %d evaluated images: every COCO stat is 0", len(seen))
-            self._last_stats, self._last_seen = {name: 0.0 for name in STAT_NAMES}, seen
+            self._last_stats = {name: 0.0 for name in STAT_NAMES}
             return dict(self._last_stats)
         from pycocotools.cocoeval import COCOeval
 
@@ -147,20 +147,17 @@ class CocoEvaluator:
             evaluation.accumulate()
             evaluation.summarize()
         self._last_stats = {name: float(value) for name, value in zip(STAT_NAMES, evaluation.stats)}
-        self._last_seen = seen
         return dict(self._last_stats)
 
     def save(self, directory: str | os.PathLike) -> None:
         """``detections.json`` (COCO results: original image and category ids) and ``coco_eval.json`` (the
         12 stats with the NMS that produced them) of the last ``compute()``, into ``directory`` (rank 0)."""
-        rows = getattr(self, "_last_rows", None)
-        if rows is None:  # other ranks: rank 0 holds the gathered detections
+        if self._last_rows is None:  # other ranks: rank 0 holds the gathered detections
             return
         folder = Path(directory)
-        self.write(rows, folder / DETECTIONS_FILE)
-        stats = getattr(self, "_last_stats", None)
-        (folder / "coco_eval.json").write_text(json.dumps({"stats": stats, "postprocess": self.describe(),
-                                                           "images": len(getattr(self, "_last_seen", []))}, indent=1))
+        self.write(self._last_rows, folder / DETECTIONS_FILE)
+        (folder / "coco_eval.json").write_text(json.dumps({"stats": self._last_stats, "postprocess": self.describe(),
+                                                           "images": self._last_images}, indent=1))
 
     @staticmethod
     def write(rows: np.ndarray, path: str | os.PathLike) -> Path:

@@ -100,10 +100,11 @@ def _ground_truth_detections(dataset):
 
 def test_ground_truth_as_detections_scores_map_one(synth, tmp_path):
     dataset = CocoDetection(synth, "val", DetectionEvalTransform(160))
-    evaluator = CocoEvaluator(dataset.annotation_file, output_dir=tmp_path)
+    evaluator = CocoEvaluator(dataset.annotation_file)
     for detections, targets in _ground_truth_detections(dataset):
         evaluator.update(detections, targets)
     metrics = evaluator.compute()
+    evaluator.save(tmp_path)
     assert list(metrics) == list(STAT_NAMES)
     assert metrics["mAP"] == pytest.approx(1.0) and metrics["mAP50"] == pytest.approx(1.0)
     written = json.loads((tmp_path / "detections.json").read_text())
@@ -119,7 +120,7 @@ def test_reported_map_equals_pycocotools_on_the_written_json(synth, tmp_path):
     from pycocotools.cocoeval import COCOeval
 
     dataset = CocoDetection(synth, "val", DetectionEvalTransform(160))
-    evaluator = CocoEvaluator(dataset.annotation_file, output_dir=tmp_path)
+    evaluator = CocoEvaluator(dataset.annotation_file)
     generator = torch.Generator().manual_seed(0)
     for detections, targets in _ground_truth_detections(dataset):
         for d in detections:  # perturbed, re-labelled and re-scored: a mediocre detector
@@ -128,6 +129,7 @@ def test_reported_map_equals_pycocotools_on_the_written_json(synth, tmp_path):
             d["scores"] = torch.rand(len(d["labels"]), generator=generator)
         evaluator.update(detections, targets)
     ours = evaluator.compute()
+    evaluator.save(tmp_path)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(dataset.annotation_file))
         reference = COCOeval(gt, gt.loadRes(str(tmp_path / "detections.json")), "bbox")
@@ -243,10 +245,11 @@ def test_category_id_label_map_is_effdets_layout(synth, tmp_path):
         (_, ours), (_, theirs) = dataset[index], contiguous[index]
         assert torch.equal(ours["boxes"], theirs["boxes"])
         assert ours["labels"].tolist() == [[3, 7, 11][k] - 1 for k in theirs["labels"].tolist()]
-    evaluator = CocoEvaluator(load_ground_truth(dataset.annotation_file, "category_id"), output_dir=tmp_path)
+    evaluator = CocoEvaluator(load_ground_truth(dataset.annotation_file, "category_id"))
     for detections, targets in _ground_truth_detections(dataset):
         evaluator.update(detections, targets)
     assert evaluator.compute()["mAP"] == pytest.approx(1.0)
+    evaluator.save(tmp_path)
     assert {r["category_id"] for r in json.loads((tmp_path / "detections.json").read_text())} == {3, 7, 11}
     with pytest.raises(CocoFormatError, match="category id 0 < 1, but data.label_map=category_id"):
         category_maps([{"id": 0, "name": "bg"}, {"id": 1, "name": "a"}], "category_id", "x.json")

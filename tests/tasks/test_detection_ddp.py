@@ -38,10 +38,11 @@ def _worker(rank, world, store, root, out):
                                 [torch.zeros(1, 4, 4)], positives)
         dataset = CocoDetection(root, "val", DetectionEvalTransform(128))
         shard = [0, 1, 2, 3, 4] if rank == 0 else [5, 6, 7]  # uneven shards
-        evaluator = CocoEvaluator(dataset.annotation_file, output_dir=out if rank == 0 else None)
+        evaluator = CocoEvaluator(dataset.annotation_file)
         detections, targets = _fake_detections(dataset, shard)
         evaluator.update(detections, targets)
         metrics = evaluator.compute()
+        evaluator.save(out)  # rank 0 only: the others hold no gathered detections
         torch.save({"count": count, "class_loss": losses["class_loss"].detach(), "metrics": metrics},
                    f"{out}/rank{rank}.pt")
     finally:
