@@ -15,3 +15,18 @@ class EffdenseError(ValueError):
 
 class WeightsError(EffdenseError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+def preview(items, count: int = 3) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items[:count]) + (f", ... ({len(items)} in all)" if len(items) > count else "")
+
+
+def mismatch_parts(missing: list, unexpected: list, shapes: list) -> str:
+    """What a strict load found, as one clause: "2 missing keys (a, b); 0 unexpected keys[; 1 shape mismatches (...)]".
+    Every strict loader in effdense (backbones, detectors, segmenters) words its error with it."""
+    parts = [f"{len(missing)} missing keys ({preview(missing)})" if missing else "0 missing keys",
+             f"{len(unexpected)} unexpected keys ({preview(unexpected)})" if unexpected else "0 unexpected keys"]
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches ({preview(shapes)})")
+    return "; ".join(parts)

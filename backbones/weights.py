@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import WeightsError
+from .errors import WeightsError, mismatch_parts, preview
 from .files import write_safetensors
 
-__all__ = ["LoadReport", "read_state_dict", "detect_format", "load_weights", "load_state", "save_safetensors", "convert",
-           "adapt_input_channels", "imagenet_url", "IMAGENET_ARCHS", "FORMATS"]
+__all__ = ["LoadReport", "read_state_dict", "detect_format", "load_weights", "load_state", "save_safetensors",
+           "adapt_input_channels", "imagenet_url", "IMAGENET_ARCHS", "FORMATS", "mismatch_parts", "preview"]
 
 LOG = logging.getLogger("effdense")
 
@@ -137,7 +137,7 @@ def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict; expected a dict of tensors")
     state = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
     if not state:
-        raise WeightsError(f"{path}: holds no tensors (top-level keys: {_preview(list(obj))}); expected a state "
+        raise WeightsError(f"{path}: holds no tensors (top-level keys: {preview(list(obj))}); expected a state "
                          f"dict, or one under 'state_dict'/'model'")
     return state
 
@@ -148,11 +148,6 @@ def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if all(k.startswith(prefix) for k in keys):
             state = {k[len(prefix):]: state[k] for k in keys}
     return state
-
-
-def _preview(items, count: int = 3) -> str:
-    items = [str(i) for i in items]
-    return ", ".join(items[:count]) + (f", ... ({len(items)} in all)" if len(items) > count else "")
 
 
 # --------------------------------------------------------------------------------------- detection
@@ -182,7 +177,7 @@ def detect_format(state: dict[str, torch.Tensor], path: str = "checkpoint") -> S
                 root = prefix[: -len("backbone.")] if prefix.endswith("backbone.") else None
                 detector = root is not None and any(k.startswith(root + p) for k in state for p in _DETECTOR_PARTS)
                 return Source("effdet" if layout == "timm" and detector else layout, layout, prefix, root)
-    raise WeightsError(f"{path}: unrecognised checkpoint layout (first keys: {_preview(state)}); expected a "
+    raise WeightsError(f"{path}: unrecognised checkpoint layout (first keys: {preview(state)}); expected a "
                      f"state dict from {_FORMATS_HELP}")
 
 
@@ -319,7 +314,9 @@ def _load_state(model: nn.Module, state: dict, src: Source, label: str) -> LoadR
     new, used, missing, shapes = _match(model, state, _source_names(model, src), report)
     unexpected = _leftovers(state, used, src, _backbone_of(model), report)
     if missing or unexpected or shapes:
-        raise WeightsError(_mismatch_message(label, src, _backbone_of(model), missing, unexpected, shapes))
+        raise WeightsError(f"{label}: {src.format} checkpoint does not fit {getattr(_backbone_of(model), 'name', 'this model')}"
+                           f": {mismatch_parts(missing, unexpected, shapes)}; expected weights of the same architecture "
+                           f"and options")
     model.load_state_dict(new, strict=True)
     report.loaded = len(used)
     if report.reinitialized:
@@ -327,7 +324,7 @@ def _load_state(model: nn.Module, state: dict, src: Source, label: str) -> LoadR
                     label, model.head.fc.out_features)
     if report.dropped:
         LOG.info("%s: ignored %d tensors of parts this model lacks (%s)", label, len(report.dropped),
-                 _preview(report.dropped))
+                 preview(report.dropped))
     return report
 
 
@@ -398,15 +395,6 @@ def _leftovers(state: dict, used: set, src: Source, backbone: nn.Module, report:
     return unexpected
 
 
-def _mismatch_message(label, src, backbone, missing, unexpected, shapes) -> str:
-    parts = [f"{len(missing)} missing keys ({_preview(missing)})" if missing else "0 missing keys",
-             f"{len(unexpected)} unexpected keys ({_preview(unexpected)})" if unexpected else "0 unexpected keys"]
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches ({_preview(shapes)})")
-    return (f"{label}: {src.format} checkpoint does not fit {getattr(backbone, 'name', 'this model')}: "
-            f"{'; '.join(parts)}; expected weights of the same architecture and options")
-
-
 # ----------------------------------------------------------------------------------------- imagenet
 
 def imagenet_url(arch: str) -> str:
@@ -426,9 +414,9 @@ def _imagenet_state(backbone: nn.Module) -> tuple[str, dict]:
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     try:
         obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
-    except OSError as exc:  # URLError, no network, disk full
-        raise OSError(f"{url}: could not download ImageNet weights for {arch} ({exc}); expected network "
-                      f"access, or the file placed at {cached}") from None
+    except OSError as exc:  # URLError, no network, disk full: one line, as for any unusable weights file
+        raise WeightsError(f"{url}: could not download ImageNet weights for {arch} ({exc}); expected network "
+                           f"access, or the file placed at {cached}") from None
     except Exception as exc:  # a broken cached file: same message as for any unreadable file
         raise _unreadable(cached, exc) from None
     return cached, _strip_wrappers(_unwrap(obj, cached))
@@ -448,44 +436,3 @@ def _warn_flavour(backbone: nn.Module, arch: str) -> None:
 def save_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> str:
     """Write ``model``'s state dict as safetensors, atomically (temp file, fsync, rename)."""
     return str(write_safetensors(path, model.state_dict(), metadata))
-
-
-def convert(src_path: str | os.PathLike, arch: str, out_path: str | os.PathLike, **create_options) -> str:
-    """Convert a foreign checkpoint into effdense safetensors for ``arch`` (``backbones.create`` name).
-
-    The backbone is built with ``create_options`` and loaded strictly. If the source has classifier
-    weights, the file uses the classifier layout (``backbone.*``, ``head.conv.*``, ``head.fc.*``),
-    loadable by ``tasks.classification.build_classifier``; otherwise it holds the backbone alone.
-    Returns the written path.
-    """
-    from . import create
-
-    label = os.fspath(src_path)
-    backbone = create(arch, **create_options)
-    state = read_state_dict(label)
-    src = detect_format(state, label)
-    report = _load_state(backbone, state, src, label)
-    tensors = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
-    head = _head_tensors(state, src, backbone, label)
-    if head:
-        tensors = {"backbone." + k: v for k, v in tensors.items()}
-        tensors.update(head)
-    meta = {"effdense.arch": arch, "effdense.source_format": report.format}
-    out = str(write_safetensors(out_path, tensors, meta))
-    LOG.info("converted %s (%s) -> %s (%d tensors)", label, report.format, out, len(tensors))
-    return out
-
-
-def _head_tensors(state: dict, src: Source, backbone: nn.Module, label: str) -> dict[str, torch.Tensor]:
-    """The source's classifier head under effdense names, or {} when it has none."""
-    head = {}
-    for ours, theirs in zip(_HEAD_OURS, _source_head(backbone, src)):
-        head.update({f"{ours}.{k[len(theirs) + 1:]}": v.contiguous() for k, v in state.items()
-                     if k.rsplit(".", 1)[0] == theirs})
-    conv = head.get("head.conv.conv.weight")
-    if conv is None:
-        return {}
-    if conv.dim() != 4 or conv.shape[1] != backbone.num_features:
-        raise WeightsError(f"{label}: classifier head conv has shape {list(conv.shape)}; expected "
-                         f"[C, {backbone.num_features}, 1, 1] for {backbone.name}")
-    return head

@@ -12,28 +12,27 @@ import logging
 import sys
 from pathlib import Path
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("effdense")
 
 
 def _load_config(args):
-    from .config import load
+    from tasks.config import load
 
     return load(args.config, args.set or [])
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a YAML preset, e.g. configs/classification/efficientnet_b0_imagenet.yaml")
+    parser.add_argument("config", help="a YAML file or a shipped preset's name (`effdense configs list`), e.g. "
+                                       "detection/efficientdet_d0_coco")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=3 (repeatable)")
 
 
 def cmd_train(args) -> int:
-    from . import registry
-    from .data import build_loaders
-    from .engine import NonFiniteLossError, Trainer, TrainingInterrupted
-    from .engine.distributed import cleanup
-    from .scaling import describe as describe_scale
+    from tasks import registry
+    from tasks.data import build_loaders
+    from tasks.engine import NonFiniteLossError, Trainer, TrainingInterrupted
+    from tasks.engine.distributed import cleanup
 
     cfg = _load_config(args)
     if args.output:
@@ -46,7 +45,7 @@ def cmd_train(args) -> int:
         if cfg.train.batch_size == "auto":
             run_files["batch_size.json"] = _auto_batch_size(cfg)
         loaders = build_loaders(cfg)  # under torchrun this joins the process group first
-        scale = describe_scale(cfg)  # what model.phi / model.scale resolves to
+        scale = registry.describe_scale(cfg)  # what model.phi / model.scale resolves to
         run_files["scale.json"] = scale
         trainer = Trainer(registry.build_model(cfg), loaders, cfg, run_files=run_files)
         if trainer.is_main:
@@ -73,9 +72,9 @@ def cmd_train(args) -> int:
 def _auto_batch_size(cfg) -> dict:
     """``train.batch_size=auto``: rank 0 probes the largest batch that fits its GPU (the others take it);
     sets ``data.batch_size`` (the lr follows by the linear rule) and returns what was found, for the run."""
-    from .budget_measure import find_batch_size
-    from .engine.distributed import broadcast_object, is_main_process, setup_process
-    from .engine.optim import scaled_lr
+    from tasks.budget.measure import find_batch_size
+    from tasks.engine.distributed import broadcast_object, is_main_process, setup_process
+    from tasks.engine.optim import scaled_lr
 
     device, _ = setup_process(cfg.train.device, cfg.train.deterministic)
     found = find_batch_size(cfg, device=device) if is_main_process() else None
@@ -95,8 +94,8 @@ def load_task_weights(task_model, path: str, task: str | None = None) -> dict:
     """
     from backbones.weights import load_weights
 
-    from .config import ConfigError
-    from .engine.checkpoint import weights_meta
+    from tasks.config import ConfigError
+    from tasks.engine.checkpoint import weights_meta
 
     meta = weights_meta(path)
     stored = meta.get("task")
@@ -113,18 +112,27 @@ def load_task_weights(task_model, path: str, task: str | None = None) -> dict:
     return meta
 
 
+def build_with_weights(cfg, path: str):
+    """``cfg``'s task module with a whole-model weights file loaded (``load_task_weights``). The file replaces
+    everything, so the config's ``model.weights`` and ``model.backbone_weights`` are not read (nor fetched)."""
+    from tasks import registry
+
+    cfg.model.weights = cfg.model.backbone_weights = None
+    model = registry.build_model(cfg)
+    load_task_weights(model, path, cfg.model.task)
+    return model
+
+
 def cmd_eval(args) -> int:
-    from . import registry
-    from .data import build_loaders
-    from .engine import evaluate
-    from .engine.distributed import cleanup, setup_process
+    from tasks.data import build_loaders
+    from tasks.engine import evaluate
+    from tasks.engine.distributed import cleanup, setup_process
 
     cfg = _load_config(args)
     try:
         device, dist_env = setup_process(cfg.train.device, cfg.train.deterministic)
         loaders = build_loaders(cfg, splits=("val",))
-        model = registry.build_model(cfg)
-        load_task_weights(model, args.weights, cfg.model.task)
+        model = build_with_weights(cfg, args.weights)
         if args.fused:
             from backbones.fusion import fuse_for_inference
 
@@ -151,12 +159,11 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     import torch
 
-    from . import registry
-    from .engine.distributed import pick_device
+    from tasks import registry
+    from tasks.engine.distributed import pick_device
 
     cfg = _load_config(args)
-    model = registry.build_model(cfg)
-    load_task_weights(model, args.weights, cfg.model.task)
+    model = build_with_weights(cfg, args.weights)
     from backbones.fusion import fuse_for_inference
 
     model = fuse_for_inference(model.to(pick_device(cfg.train.device)).eval())  # BatchNorm folded: same outputs
@@ -167,11 +174,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data import FORMATS, check_dataset
-    from .data.formats import formats_for
+    from tasks.data import FORMATS, check_dataset
+    from tasks.data.formats import formats_for
 
     if args.data_command == "cityscapes-trainids":
-        from .data.cityscapes import write_train_ids
+        from tasks.data.cityscapes import write_train_ids
 
         written = write_train_ids(args.root, overwrite=args.overwrite)
         print(f"wrote {written} *_gtFine_labelTrainIds.png files under {Path(args.root) / 'gtFine'}")
@@ -180,7 +187,7 @@ def cmd_data(args) -> int:
         formats = formats_for(args.task)
         name = args.format or formats[0]
         if name not in formats:
-            from .config import ConfigError
+            from tasks.config import ConfigError
 
             raise ConfigError(f"--format {name!r} does not hold {args.task} data; formats for {args.task}: "
                               f"{', '.join(formats)}")
@@ -197,7 +204,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_weights(args) -> int:
-    from backbones.weights import convert
+    from backbones.convert import convert
 
     options = {"padding": args.padding}
     if args.norm_eps is not None:
@@ -210,14 +217,16 @@ def cmd_weights(args) -> int:
 def cmd_backbones(args) -> int:
     import backbones
 
-    from .summary import TASK_SCALES, describe, describe_task, format_table, format_task_table
+    from tasks.registry import get
+    from tasks.summary import describe, describe_task, format_table, format_task_table
 
     if args.task:
         head = args.head or "unet"
         if args.phi is not None:
             rows = [describe_task(args.task, phi=args.phi, head=head)]
         else:
-            rows = [describe_task(args.task, scale=s, head=head) for s in (args.names or TASK_SCALES[args.task])]
+            names = args.names or get(args.task).scales.names
+            rows = [describe_task(args.task, scale=s, head=head) for s in names]
         print(format_task_table(args.task, rows))
         return 0
     if args.phi is not None:
@@ -229,7 +238,7 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_budget(args) -> int:
-    from .budget import run_command
+    from tasks.budget import run_command
 
     import torch
 
@@ -249,13 +258,11 @@ def cmd_budget(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from . import registry
-    from .config import resolve_image_size
-    from .export import export
+    from tasks.config import resolve_image_size
+    from tasks.export import export
 
     cfg = _load_config(args)
-    model = registry.build_model(cfg)
-    load_task_weights(model, args.weights, cfg.model.task)
+    model = build_with_weights(cfg, args.weights)
     example = torch.zeros(1, 3, *resolve_image_size(cfg), dtype=torch.uint8)
     result = export(model.eval(), args.format, args.output, example, dynamic_batch=args.dynamic_batch,
                     postprocess=args.postprocess, include_normalization=not args.float_input,
@@ -264,8 +271,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_configs(args) -> int:
+    from tasks.config import ConfigError, list_presets, resolve_preset
+
+    if args.configs_command == "list":
+        print("\n".join(list_presets()))
+        return 0
+    path = resolve_preset(args.name)
+    if not path.is_file():
+        raise ConfigError(f"no preset or file {args.name!r}; `effdense configs list` names the presets")
+    sys.stdout.write(path.read_text())
+    return 0
+
+
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from tasks.demo import run_demo
 
     return run_demo(args.task, args.output, args.set or [])
 
@@ -305,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="synthesize or check datasets", description="Synthesize or check datasets.")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    from .registry import TASKS
+    from tasks.registry import TASKS
 
     s = data_sub.add_parser("synth", help="write a small synthetic dataset in the real on-disk format")
     s.add_argument("task", choices=list(TASKS), help="the task whose data to write")
@@ -382,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip reloading the file and comparing outputs")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("configs", help="the shipped presets: list them, or print one to copy and edit",
+                       description="List the presets that ship with effdense, or print one (`effdense configs show "
+                                   "detection/efficientdet_d0_coco > my.yaml`, then `effdense train my.yaml`).")
+    c_sub = p.add_subparsers(dest="configs_command", required=True, metavar="ACTION")
+    c_sub.add_parser("list", help="every preset name").set_defaults(func=cmd_configs)
+    c = c_sub.add_parser("show", help="print a preset (YAML) to standard output")
+    c.add_argument("name", help="a preset name from `effdense configs list` (or a path)")
+    c.set_defaults(func=cmd_configs)
+
     p = sub.add_parser("demo", help="synthesize data, train on CPU for ~2 minutes, evaluate",
                        description="Write a synthetic dataset, train a small model for the task on it, evaluate it.")
     p.add_argument("task", nargs="?", default="classification", choices=list(TASKS), help="which task's demo")
@@ -396,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     from backbones.errors import EffdenseError
 
-    from .engine.host import keep_freed_memory
+    from tasks.engine.host import keep_freed_memory
 
     keep_freed_memory()  # large CPU tensors reuse freed memory instead of page-faulting fresh pages
 

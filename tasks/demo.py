@@ -1,6 +1,6 @@
 """``effdense demo [TASK]``: synthesize the task's dataset, train a small model on the CPU, evaluate it.
 
-The task's demo config (``configs/demo/<task>.yaml``, from the task table) says everything: the data
+The task's demo preset (``demo/<task>``, shipped with the package; named by the task table) says everything: the data
 format and root (written here by the format's synthetic writer), the model and the schedule.
 """
 
@@ -12,21 +12,19 @@ from pathlib import Path
 
 
 def run_demo(task: str = "classification", output: str | None = None, overrides: list[str] = ()) -> int:
-    from . import registry
-    from .config import load
-    from .data import FORMATS, build_loaders
-    from .engine import Trainer
+    from tasks import registry
+    from tasks.config import load
+    from tasks.data import FORMATS, build_loaders
+    from tasks.engine import Trainer
 
-    cfg = load(registry.get(task).demo_config, list(overrides))
+    cfg = load(registry.get(task).demo_preset, list(overrides))
     root = FORMATS[cfg.data.format].synth(cfg.data.root)
     print(f"synthetic dataset: {root}")
     if output:
         out = Path(output)
         cfg.train.output_dir, cfg.train.run_name = str(out.parent), out.name
     cfg.train.overwrite = True  # the demo is meant to be run again and again
-    from .scaling import describe
-
-    scale = describe(cfg)
+    scale = registry.describe_scale(cfg)
     print("scale: " + ", ".join(f"{k}={v}" for k, v in scale.items() if v is not None))
     trainer = Trainer(registry.build_model(cfg), build_loaders(cfg), cfg, run_files={"scale.json": scale})
     start = time.perf_counter()

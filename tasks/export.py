@@ -21,7 +21,7 @@ Outputs, per task:
 * detection, ``postprocess="outside"`` (default): ``class_logits`` (N, A, classes), ``box_codes``
   (N, A, 4) (ty, tx, th, tw) and ``anchors`` (N, A, 4) xyxy input pixels (the same for every image),
   A = all anchors of all levels, P3 first. Post-process outside the graph with
-  ``tasks.detection_postprocess.postprocess(class_logits, box_codes, anchors[0], (H, W), PostProcess(...))``
+  ``tasks.detection.postprocess.postprocess(class_logits, box_codes, anchors[0], (H, W), PostProcess(...))``
   (the same top-k, decoding and NMS as training-time evaluation, hard or soft NMS).
 * detection, ``postprocess="inside"``: top-k candidates, box decoding and hard NMS
   (``torchvision.ops.nms``, exported as ONNX ``NonMaxSuppression``) run in the graph with the
@@ -54,7 +54,8 @@ from backbones.blocks import Conv2dSame
 from backbones.errors import EffdenseError
 from backbones.fusion import fuse_for_inference
 
-from .schema import IMAGENET_MEAN, IMAGENET_STD
+from tasks.config.schema import IMAGENET_MEAN, IMAGENET_STD
+from tasks.engine.normalize import PixelNormalization
 
 log = logging.getLogger("effdense")
 
@@ -90,17 +91,15 @@ class ExportResult:
 # ------------------------------------------------------------------------------------------ wrappers
 
 
-class Normalized(nn.Module):
+class Normalized(PixelNormalization):
     """uint8 (N, 3, H, W) 0..255 -> ``net((x - 255 mean) / (255 std))``: normalisation in the graph."""
 
     def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
+        super().__init__(mean, std, persistent=True)
         self.net = net
-        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
-        self.register_buffer("pixel_scale", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255))
 
     def forward(self, images: torch.Tensor):
-        return self.net((images.to(torch.float32) - self.pixel_mean) * self.pixel_scale)
+        return self.net(self.normalize(images))
 
 
 class DetectionMaps(nn.Module):
@@ -127,13 +126,13 @@ class DetectionWithNMS(nn.Module):
         super().__init__()
         if net.post.nms != "hard":
             raise ExportError(f"postprocess='inside' exports hard NMS only, this detector uses nms={net.post.nms!r}: "
-                              f"export with postprocess='outside' and run tasks.detection_postprocess.postprocess")
+                              f"export with postprocess='outside' and run tasks.detection.postprocess.postprocess")
         self.net, self.settings = net, net.post
 
     def forward(self, x: torch.Tensor):
         from torchvision.ops import nms
 
-        from .detection_postprocess import select_candidates
+        from tasks.detection.postprocess import select_candidates
 
         s = self.settings
         class_out, box_out, anchors = self.net.forward_raw(x)

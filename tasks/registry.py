@@ -1,31 +1,43 @@
-"""The one task table: task name -> how to build its model, predict with it, and demo it.
+"""The one task table: each row holds everything task-specific that the shared commands need.
 
-``cli``, ``demo``, ``eval``, ``predict`` (and export) read this table; adding a task is one entry here
-(plus its module and schema). A plain dict filled by explicit imports (no registration by import side
-effect); ``get`` names the known tasks when asked for another.
+``cli`` (train, eval, predict, demo, backbones), ``budget``, ``summary`` and ``export`` read this table and
+branch on nothing else; adding a task is a package beside ``tasks/classification`` (model, evaluate,
+predict, scale), its ``Config`` subclass in ``tasks.config.schema``, a data format row in
+``tasks.data.formats``, a demo preset, and one row here. A plain dict filled by explicit imports (no
+registration by import side effect); ``get`` names the known tasks when asked for another.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import nn
 
-from . import classification, detection, segmentation
-from .data.formats import formats_for
-from .engine.checkpoint import seed_everything
+from tasks.config.scaling import ScaleFamily
+from tasks.config.schema import ClassificationConfig, Config, DetectionConfig, SegmentationConfig
+from tasks.data.formats import formats_for
+from tasks.engine.checkpoint import seed_everything
 
-DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+from . import classification, detection, segmentation
+from .classification import scale as classification_scale
+from .detection import scale as detection_scale
+from .segmentation import scale as segmentation_scale
+
+__all__ = ["Task", "TASKS", "get", "build_model", "describe_scale"]
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
+    config: type[Config]  # the task's schema (``tasks.config.load`` picks it by ``model.task``)
     build_model: Callable  # (cfg) -> task module (the engine's task protocol)
     predict: Callable  # (cfg, task module, image paths, out=None, **options) -> list of per-image results
-    demo_config: Path
+    describe_scale: Callable  # (cfg) -> plain dict: what the config's phi / scale resolves to
+    example_batch: Callable  # (cfg, batch_size, device) -> (uint8 images, training targets), for budget
+    scales: ScaleFamily  # the named scales, their published accuracy and how budget measures them
+    summary_keys: tuple[str, ...]  # the resolved sizes `effdense backbones --task` shows per scale
+    demo_preset: str  # a shipped preset name (tasks.config.presets)
 
     @property
     def formats(self) -> list[str]:
@@ -38,12 +50,20 @@ TASKS: dict[str, Task] = {}
 def _add(task: Task) -> None:
     if task.name in TASKS:
         raise ValueError(f"duplicate task {task.name!r}")
+    if task.config.TASK != task.name:
+        raise ValueError(f"task {task.name!r}: its config schema is for {task.config.TASK!r}")
     TASKS[task.name] = task
 
 
-_add(Task("classification", classification.build_model, classification.predict, DEMO_CONFIGS / "classification.yaml"))
-_add(Task("segmentation", segmentation.build_model, segmentation.predict, DEMO_CONFIGS / "segmentation.yaml"))
-_add(Task("detection", detection.build_model, detection.predict, DEMO_CONFIGS / "detection.yaml"))
+_add(Task("classification", ClassificationConfig, classification.build_model, classification.predict,
+          classification_scale.describe_scale, classification_scale.example_batch, classification_scale.SCALES,
+          classification_scale.SUMMARY_KEYS, "demo/classification"))
+_add(Task("segmentation", SegmentationConfig, segmentation.build_model, segmentation.predict,
+          segmentation_scale.describe_scale, segmentation_scale.example_batch, segmentation_scale.SCALES,
+          segmentation_scale.SUMMARY_KEYS, "demo/segmentation"))
+_add(Task("detection", DetectionConfig, detection.build_model, detection.predict,
+          detection_scale.describe_scale, detection_scale.example_batch, detection_scale.SCALES,
+          detection_scale.SUMMARY_KEYS, "demo/detection"))
 
 
 def get(name: str) -> Task:
@@ -56,3 +76,8 @@ def build_model(cfg) -> nn.Module:
     """``cfg``'s task module, initialised from ``train.seed`` (the same seed builds the same weights)."""
     seed_everything(cfg.train.seed)
     return get(cfg.model.task).build_model(cfg)
+
+
+def describe_scale(cfg) -> dict:
+    """What ``cfg``'s phi / scale resolves to (printed at the start of a run and saved as ``scale.json``)."""
+    return get(cfg.model.task).describe_scale(cfg)

@@ -7,7 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import backbones
 
-from .classification import build_classifier
+from tasks.classification import build_classifier
+from tasks.registry import get
 
 
 def describe(name: str, **options) -> dict:
@@ -45,33 +46,28 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TASK_SCALES = {"classification": [str(i) for i in range(8)], "segmentation": [str(i) for i in range(8)],
-               "detection": [str(i) for i in range(8)] + ["7x"]}
-SEGMENTATION_SIZE = (512, 1024)  # the Cityscapes crop: what a segmentation cost is quoted at
-
-
 def describe_task(task: str, scale: str | None = None, phi: float | None = None, size=None, head: str = "unet") -> dict:
     """One row for ``effdense backbones --task``: the whole task model at a named ``scale`` or a free ``phi``:
     parameters, GMACs at the task's input size (classification and detection: the scale's own; segmentation:
     512x1024 unless ``size``), the resolution, and what the scale resolves to. Built on the meta device."""
-    from .budget_measure import count_cost
-    from .config import resolve_image_size, schema_for, validate
-    from .scaling import describe
+    from tasks.budget.measure import count_cost
+    from tasks.config import resolve_image_size, validate
 
-    cfg = schema_for(task)()
+    row = get(task)
+    cfg = row.config()
     cfg.model.scale, cfg.model.phi = scale, phi
-    if task == "segmentation":
+    if hasattr(cfg.model, "segmentation"):
         cfg.model.segmentation.head = head
-        cfg.data.image_size = list(size or SEGMENTATION_SIZE)
-    elif size is not None:
+    size = size or row.scales.summary_size
+    if size is not None:
         cfg.data.image_size = list(size)
     cfg.train.device = "cpu"
     validate(cfg)
     height, width = resolve_image_size(cfg)
     params_m, gmacs = count_cost(cfg)
-    info = describe(cfg)
+    info = row.describe_scale(cfg)
     label = info.get("detector") or info["backbone"]
-    return {"name": label if task != "segmentation" else f"{head}-{label}", "params_m": params_m, "gmacs": gmacs,
+    return {"name": f"{info['head']}-{label}" if "head" in info else label, "params_m": params_m, "gmacs": gmacs,
             "resolution": f"{height}x{width}", "info": info}
 
 
@@ -80,11 +76,9 @@ def format_task_table(task: str, rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for row in rows:
         info = row["info"]
-        keys = {"detection": ("bifpn_width", "bifpn_repeats", "head_depth"),
-                "segmentation": ("decoder_channels", "bifpn_width", "bifpn_repeats")}.get(task, ("width_multiplier",
-                                                                                                 "depth_multiplier"))
+        keys = get(task).summary_keys
         resolved = ", ".join(f"{k}={info[k]}" for k in keys if info.get(k) is not None)
         lines.append(f"{row['name']:<34}{row['params_m']:>10.2f}{row['gmacs']:>10.2f}{row['resolution']:>12}  {resolved}")
     lines.append(f"GMACs: multiply-accumulates of one image at the input shown ({task} model, "
-                 f"{'without NMS' if task == 'detection' else 'whole network'}).")
+                 f"the network without post-processing).")
     return "\n".join(lines)

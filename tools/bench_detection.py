@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.detection import build_detector  # noqa: E402
-from tasks.detection_weights import load_detector_weights  # noqa: E402
+from tasks.detection.weights import load_detector_weights  # noqa: E402
 
 
 def build_models(size: int, num_classes: int):

@@ -36,16 +36,16 @@ import torch
 
 from backbones.errors import EffdenseError
 
-from .budget_measure import Measurement, count_cost, measure_scale
-from .config import resolve_image_size, validate
+from tasks.config import resolve_image_size, validate
+from tasks.config.scaling import IMAGENET_TOP1
+from tasks.detection.scale import COCO_AP
+from tasks.registry import get as get_task
+
+from .measure import Measurement, count_cost, measure_scale
 
 __all__ = ["BudgetError", "Limits", "Scale", "Row", "BudgetResult", "PhiSearch", "default_scales", "scales_from",
            "run_budget", "search_phi", "IMAGENET_TOP1", "COCO_AP"]
 
-# EfficientNet paper, Table 2 (shared/reference/efficientnet.md)
-IMAGENET_TOP1 = {"0": 77.1, "1": 79.1, "2": 80.1, "3": 81.6, "4": 82.9, "5": 83.6, "6": 84.0, "7": 84.3}
-# automl's official COCO val AP (shared/reference/efficientdet.md)
-COCO_AP = {"0": 34.3, "1": 40.2, "2": 43.5, "3": 46.8, "4": 49.3, "5": 51.2, "6": 52.1, "7": 53.4, "7x": 54.4}
 STOP_FACTOR = 2.0  # a scale this far over a limit ends the sweep
 PHI_STEP = 0.05
 
@@ -98,7 +98,7 @@ class Scale:
 
 
 def _named(task: str, index: str) -> Scale:
-    prefix = "D" if task == "detection" else "B"
+    prefix = get_task(task).scales.prefix
     return Scale(f"{prefix}{index}", (("model.scale", index), ("model.phi", None)), key=index)
 
 
@@ -108,12 +108,9 @@ def phi_scale(phi: float) -> Scale:
 
 
 def default_scales(task: str, device_type: str) -> list[Scale]:
-    """B0..B7 / D0..D7x on CUDA; B0..B2 / D0..D1 on CPU."""
-    if task == "detection":
-        names = [str(i) for i in range(8)] + ["7x"] if device_type == "cuda" else ["0", "1"]
-    else:
-        names = [str(i) for i in range(8 if device_type == "cuda" else 3)]
-    return [_named(task, name) for name in names]
+    """The task's named scales on CUDA (B0..B7 / D0..D7x); its few CPU ones (B0..B2 / D0..D1) on the CPU."""
+    family = get_task(task).scales
+    return [_named(task, name) for name in (family.names if device_type == "cuda" else family.cpu_names)]
 
 
 def scales_from(task: str, names: Sequence[str] = (), phis: Sequence[float] = ()) -> list[Scale]:
@@ -121,18 +118,15 @@ def scales_from(task: str, names: Sequence[str] = (), phis: Sequence[float] = ()
     ``efficientdet-d3`` for detection; ``3``/``7x`` also work) and free ``phis``, in the order given."""
     import backbones
 
+    family = get_task(task).scales
     scales = []
     for name in names:
         text = str(name).strip().lower()
-        detection = re.fullmatch(r"(?:efficientdet-?d|d)?(\d|7x)", text)
-        if task == "detection":
-            if not detection:
-                raise BudgetError(f"--scales {name!r}: detection scales are efficientdet-d0 .. efficientdet-d7x")
-            scales.append(_named(task, detection.group(1)))
-            continue
-        named = re.fullmatch(r"(?:efficientnet-b|b)?(\d)", text)
-        if named and int(named.group(1)) <= 7:
+        named = re.fullmatch(family.pattern, text)
+        if named:
             scales.append(_named(task, named.group(1)))
+        elif not family.other_backbones:
+            raise BudgetError(f"--scales {name!r}: {task} scales are {', '.join(family.prefix + n for n in family.names)}")
         elif text in backbones.list_names() and text != "efficientnet":
             scales.append(Scale(text, (("model.backbone", text), ("model.scale", None), ("model.phi", None))))
         else:
@@ -156,7 +150,7 @@ def config_for(cfg, scale: Scale, image_size: str | tuple[int, int] | None = Non
         section, name = key.split(".")
         setattr(getattr(scaled, section), name, value)
     if image_size is None:
-        image_size = "config" if cfg.model.task == "segmentation" else "native"
+        image_size = get_task(cfg.model.task).scales.image_size
     if image_size == "native":
         scaled.data.image_size = None
     elif image_size != "config":
@@ -193,18 +187,18 @@ class BudgetResult:
     settings: dict = field(default_factory=dict)
 
     def table(self) -> str:
-        from .budget_report import format_table
+        from tasks.budget.report import format_table
 
         return format_table(self)
 
     def to_json(self) -> dict:
-        from .budget_report import to_json
+        from tasks.budget.report import to_json
 
         return to_json(self)
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         """``budget.json`` and ``budget.png`` in ``out_dir``; returns both paths."""
-        from .budget_report import plot
+        from tasks.budget.report import plot
 
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -216,7 +210,7 @@ class BudgetResult:
 def _accuracy(task: str, scale: Scale) -> float | None:
     if scale.key is None:
         return None
-    return (COCO_AP if task == "detection" else IMAGENET_TOP1).get(scale.key)
+    return get_task(task).scales.published.get(scale.key)
 
 
 def _describe(name: str, value: float, limit: float) -> str:
@@ -245,7 +239,7 @@ def _check_measurable(limits: Limits, device_type: str) -> None:
 
 
 def _device_type(cfg, device) -> str:
-    from .engine.distributed import pick_device
+    from tasks.engine.distributed import pick_device
 
     return (pick_device(cfg.train.device) if device is None else torch.device(device)).type
 
@@ -260,7 +254,7 @@ def run_budget(cfg, limits: Limits = Limits(), scales: Sequence[Scale] | None = 
     ``cost(cfg) -> (params M, GMACs)`` fills the rows that are not measured (``None``: left empty).
     Raises :class:`BudgetError` when no scale fits (``error.result`` has the rows).
     """
-    from .engine.runlog import progress_bar
+    from tasks.engine.runlog import progress_bar
 
     device_type = _device_type(cfg, device)
     _check_measurable(limits, device_type)
@@ -325,7 +319,7 @@ def search_phi(cfg, limits: Limits, low: float = 0.0, high: float | None = None,
     7 on CUDA, 2 on CPU; widened by doubling, up to ``MAX_SEARCH_PHI``, while its top still fits) for the
     largest model meeting every limit, assuming cost grows with phi.
     Every phi returned was measured and fits. Raises :class:`BudgetError` when ``low`` does not fit."""
-    from .engine.runlog import progress_bar
+    from tasks.engine.runlog import progress_bar
 
     device_type = _device_type(cfg, device)
     _check_measurable(limits, device_type)
@@ -391,7 +385,7 @@ def run_command(cfg, *, latency_ms: float | None = None, memory_gb: float | None
     instead), print the table, write ``budget.json`` and ``budget.png`` into ``out_dir`` (also when no
     scale fits), then with ``fit_batch`` print the auto batch size of the chosen scale. Raises
     :class:`BudgetError` (one line) when no scale fits, after writing the files."""
-    from .budget_measure import find_batch_size
+    from tasks.budget.measure import find_batch_size
 
     limits = Limits(latency_ms, memory_gb, min_throughput)
     if search not in (None, "phi"):

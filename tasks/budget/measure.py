@@ -8,7 +8,7 @@ config's ``train.amp`` and ``train.channels_last``, on uint8 batches as the load
 * throughput: eval mode at the config's eval batch (``data.eval_batch_size``, else ``data.batch_size``):
   images per second of the median call.
 * training step: forward, summed losses, backward, optimizer step (the engine's optimizer), at
-  ``data.batch_size``, on a synthetic batch from :data:`EXAMPLE_BATCHES`; the median step after one
+  ``data.batch_size``, on a synthetic batch from the task's ``example_batch``; the median step after one
   warm-up step. Peak training memory: ``torch.cuda.max_memory_allocated`` over those steps on CUDA;
   on CPU no peak is measured (``None``, printed "n/a"): torch's CPU allocator keeps no statistics and
   process RSS mixes in the allocator's caching and every earlier scale.
@@ -24,9 +24,8 @@ spinning barrier made 2-thread timings 20x slower here whenever another process 
 Running out of memory (``torch.cuda.OutOfMemoryError`` or a RuntimeError saying "out of memory") is
 not an error here: the measurement says so (``oom``) and the memory is released.
 
-Synthetic batches: :data:`EXAMPLE_BATCHES` maps a task name to ``example_batch(cfg, batch_size,
-device) -> (uint8 images (N, 3, H, W), targets)`` in the task's training-target format; they are
-plain functions so that a task module can take its own over later.
+Synthetic batches: each task's registry row gives ``example_batch(cfg, batch_size, device) -> (uint8
+images (N, 3, H, W), targets)`` in the task's training-target format (``tasks.<task>.scale``).
 """
 
 from __future__ import annotations
@@ -41,12 +40,12 @@ from functools import partial
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import resolve_image_size
-from .engine.distributed import pick_device
-from .engine.evaluate import autocast, images_to_device
-from .engine.optim import build_optimizer, scaled_lr
+from tasks.config import resolve_image_size
+from tasks.engine.distributed import pick_device
+from tasks.engine.evaluate import autocast, images_to_device
+from tasks.engine.optim import build_optimizer, scaled_lr
 
-__all__ = ["Measurement", "EXAMPLE_BATCHES", "example_batch", "measure_scale", "count_cost", "is_oom",
+__all__ = ["Measurement", "example_batch", "measure_scale", "count_cost", "is_oom",
            "BatchSizeResult", "find_batch_size"]
 
 
@@ -68,59 +67,11 @@ class Measurement:
 # ------------------------------------------------------------------------------------------ batches
 
 
-def _images(cfg, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    height, width = resolve_image_size(cfg)
-    return torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator)
-
-
-def classification_batch(cfg, batch_size: int, device="cpu"):
-    """uint8 images and int64 labels (N,) in 0..num_classes-1."""
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, cfg.model.num_classes, (batch_size,), generator=generator)
-    return _images(cfg, batch_size, generator).to(device), labels.to(device)
-
-
-def segmentation_batch(cfg, batch_size: int, device="cpu"):
-    """uint8 images and ``{"masks": int64 (N, H, W)}`` with classes 0..C-1 and ~5% ignore pixels."""
-    generator = torch.Generator().manual_seed(0)
-    images = _images(cfg, batch_size, generator)
-    masks = torch.randint(0, cfg.model.num_classes, (batch_size, *images.shape[-2:]), generator=generator)
-    ignore = torch.rand(masks.shape, generator=generator) < 0.05
-    masks[ignore] = cfg.data.ignore_index
-    return images.to(device), {"masks": masks.to(device)}
-
-
-def detection_batch(cfg, batch_size: int, device="cpu", boxes_per_image: int = 8):
-    """uint8 images and one ``{"boxes": float (n, 4) xyxy pixels, "labels": int64 (n,)}`` per image
-    (``boxes_per_image`` boxes of 5-50% of the image side; COCO averages ~7 per image)."""
-    generator = torch.Generator().manual_seed(0)
-    images = _images(cfg, batch_size, generator)
-    height, width = images.shape[-2:]
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-    targets = []
-    for _ in range(batch_size):
-        size = torch.rand(boxes_per_image, 2, generator=generator) * 0.45 + 0.05
-        corner = torch.rand(boxes_per_image, 2, generator=generator) * (1 - size)
-        boxes = torch.cat([corner, corner + size], 1) * scale
-        labels = torch.randint(0, cfg.model.num_classes, (boxes_per_image,), generator=generator)
-        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-    return images.to(device), targets
-
-
-# task name -> example_batch(cfg, batch_size, device) -> (uint8 images, training targets)
-EXAMPLE_BATCHES: dict[str, Callable] = {
-    "classification": classification_batch,
-    "segmentation": segmentation_batch,
-    "detection": detection_batch,
-}
-
-
 def example_batch(cfg, batch_size: int, device="cpu"):
-    """A synthetic training batch for ``cfg``'s task (see :data:`EXAMPLE_BATCHES`)."""
-    task = cfg.model.task
-    if task not in EXAMPLE_BATCHES:
-        raise KeyError(f"no synthetic batch for task {task!r}; known: {', '.join(EXAMPLE_BATCHES)}")
-    return EXAMPLE_BATCHES[task](cfg, batch_size, device)
+    """A synthetic training batch for ``cfg``'s task: its registry row's ``example_batch``."""
+    from tasks import registry
+
+    return registry.get(cfg.model.task).example_batch(cfg, batch_size, device)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -170,7 +121,7 @@ def _no_weights(cfg):
 
 
 def _default_build(cfg):
-    from . import registry
+    from tasks import registry
 
     return registry.build_model(cfg)
 

@@ -15,7 +15,9 @@ def _number(value, digits: int = 1, width: int = 9) -> str:
 
 
 def _accuracy_label(task: str) -> str:
-    return {"classification": "top-1", "segmentation": "bb top-1", "detection": "COCO AP"}.get(task, "acc")
+    from tasks.registry import get
+
+    return get(task).scales.metric
 
 
 def format_table(result) -> str:

@@ -1,6 +1,6 @@
 """Loading a config: a complete YAML preset plus ``--set`` overrides -> one typed, validated ``Config``.
 
-The schema (sections, fields, their choices and ranges) is ``tasks.schema``; the task named by
+The schema (sections, fields, their choices and ranges) is ``tasks.config.schema``; the task named by
 ``model.task`` picks its ``Config`` subclass, so a preset holds exactly the keys its task has.
 Loading and validation live here; nothing else in effdense reads raw YAML.
 """
@@ -20,14 +20,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from backbones.errors import EffdenseError
 
-from .schema import (IMAGENET_MEAN, IMAGENET_STD, SCHEMAS, ClassificationAugmentConfig, ClassificationConfig,
-                     Config, DetectionConfig, ModelConfig, Range, SegmentationConfig, backbone_spec,
-                     detection_scale)
+from .presets import resolve_preset
+from .schema import (IMAGENET_MEAN, IMAGENET_STD, ClassificationConfig, Config,
+                     DetectionConfig, ModelConfig, Range, SegmentationConfig, task_schemas)
+from .scaling import backbone_spec, detection_scale, detector_at, resolve_image_size
 
 __all__ = ["Config", "ClassificationConfig", "SegmentationConfig", "DetectionConfig", "ConfigError", "load",
            "save", "to_dict", "validate", "resolve_image_size", "schema_for", "IMAGENET_MEAN", "IMAGENET_STD"]
-
-AugmentConfig = ClassificationAugmentConfig  # the classification augmentation section (older name)
 
 
 # -- loading: YAML file + ``--set a.b=c`` overrides -> a typed, validated ``Config`` -----------------
@@ -39,9 +38,10 @@ class ConfigError(EffdenseError):
 
 def schema_for(task: str) -> type[Config]:
     """The ``Config`` subclass of ``task``; a one-line error listing the tasks when unknown."""
-    if task not in SCHEMAS:
-        raise ConfigError(f"model.task={task!r} must be one of: {', '.join(SCHEMAS)}")
-    return SCHEMAS[task]
+    schemas = task_schemas()
+    if task not in schemas:
+        raise ConfigError(f"model.task={task!r} must be one of: {', '.join(schemas)}")
+    return schemas[task]
 
 
 def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
@@ -82,19 +82,14 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def resolve_image_size(cfg: Config) -> tuple[int, int]:
-    """``data.image_size`` as (h, w) when set, else the task's native input size (B0 224, D0 512, ...)."""
-    size = cfg.data.image_size if cfg.data.image_size is not None else cfg.native_image_size()
-    return int(size[0]), int(size[1])
-
-
 # -- reading and merging ---------------------------------------------------------------------------
 
 
 def _read_yaml(path: str | Path) -> dict:
-    path = Path(path)
+    path = resolve_preset(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found (expected a YAML preset such as configs/demo/classification.yaml)")
+        raise ConfigError(f"config file '{path}' not found (expected a YAML file or a shipped preset's name such as "
+                          f"demo/classification; `effdense configs list` names them)")
     try:
         loaded = OmegaConf.load(path)
     except yaml.YAMLError as error:
@@ -158,9 +153,9 @@ def _check_keys(raw: dict, schema: type, prefix: str, source: str, root: type | 
 
 def _task_note(key_path: str, schema: type) -> str:
     """' (a segmentation key; this config is for classification)' when another task's schema has it."""
-    for task, other in SCHEMAS.items():
+    for task, other in task_schemas().items():
         if other is not schema and _field_type(key_path, other) is not None:
-            own = next(name for name, s in SCHEMAS.items() if s is schema)
+            own = schema.TASK
             return f" for model.task={own} (it is a {task} key)"
     return ""
 
@@ -307,17 +302,9 @@ def _backbone_problems(cfg: Config) -> list[str]:
 
 def _detection_scale_problems(cfg: DetectionConfig) -> list[str]:
     try:
-        from heads import efficientdet_preset
-    except ImportError:  # the detection heads are not built yet
-        return []
-    try:
-        preset = efficientdet_preset(detection_scale(cfg.model))
+        preset = detector_at(detection_scale(cfg.model))
     except ValueError as error:
         return [str(error)]
-    if cfg.model.phi is not None:
-        from .scaling import detector_at
-
-        preset = detector_at(cfg.model.phi)
     multiple = 2 ** max(preset.levels)
     size = cfg.data.image_size
     if size is not None and any(side % multiple for side in size):

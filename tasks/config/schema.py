@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
+
+from .scaling import backbone_at_model, detection_scale, detector_at
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -334,7 +336,10 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """The shared sections; each task's subclass below narrows ``model``, ``data`` and ``loss``."""
+    """The shared sections; each task's subclass below narrows ``model``, ``data`` and ``loss`` and names its
+    task in ``TASK`` (how ``tasks.config.schema_for`` finds it: no side table to keep in step)."""
+
+    TASK: ClassVar[str] = ""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -348,55 +353,21 @@ class Config:
         raise NotImplementedError
 
 
-NAMED_PHIS = range(0, 8)  # the published scales B0..B7 / D0..D7
-BETA_WIDTH_RULE = 1.1  # width growth per unit of phi (Tan & Le 2019, section 3.3)
-
-
-def named_scale(phi: float | None) -> int | None:
-    """The published scale an integral ``phi`` in 0..7 names (the tables, not the rules), else None."""
-    if phi is not None and float(phi).is_integer() and int(phi) in NAMED_PHIS:
-        return int(phi)
-    return None
-
-
-def backbone_spec(model: ModelConfig) -> tuple[str, dict]:
-    """(``backbones.create`` name, its options) named by ``model.phi`` (``tasks.scaling.backbone_at``: an
-    integral phi in 0..7 is the published B-scale, a fractional one interpolates), else ``model.scale``
-    (B-number), else ``model.backbone``."""
-    if model.phi is not None:
-        from .scaling import backbone_at
-
-        name, options, _, _ = backbone_at(model.phi)
-        return name, options
-    if model.scale is not None:
-        return f"efficientnet-b{model.scale}", {}
-    return model.backbone, {}
-
-
-def _backbone_resolution(model: ModelConfig) -> int:
-    import backbones
-
-    if model.phi is not None:
-        from .scaling import backbone_at
-
-        return backbone_at(model.phi)[2]
-    name, options = backbone_spec(model)
-    return backbones.get_preset(name, **options).resolution
-
-
 @dataclass
 class ClassificationConfig(Config):
+    TASK: ClassVar[str] = "classification"
     model: ClassificationModelConfig = field(default_factory=ClassificationModelConfig)
     data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
     loss: ClassificationLossConfig = field(default_factory=ClassificationLossConfig)
 
     def native_image_size(self) -> list[int]:
-        size = _backbone_resolution(self.model)  # B0 224 ... B7 600 (paper, Table 1)
+        size = backbone_at_model(self.model)[2]  # B0 224 ... B7 600 (paper, Table 1), interpolated between
         return [size, size]
 
 
 @dataclass
 class SegmentationConfig(Config):
+    TASK: ClassVar[str] = "segmentation"
     model: SegmentationModelConfig = field(default_factory=SegmentationModelConfig)
     data: SegmentationDataConfig = field(default_factory=SegmentationDataConfig)
     loss: SegmentationLossConfig = field(default_factory=SegmentationLossConfig)
@@ -407,36 +378,16 @@ class SegmentationConfig(Config):
 
 @dataclass
 class DetectionConfig(Config):
+    TASK: ClassVar[str] = "detection"
     model: DetectionModelConfig = field(default_factory=DetectionModelConfig)
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     loss: DetectionLossConfig = field(default_factory=DetectionLossConfig)
 
     def native_image_size(self) -> list[int]:
-        from .scaling import detector_at  # D0 512 ... D7 1536 (the released configs), interpolated between
-
-        size = detector_at(detection_scale(self.model)).input_size if self.model.phi is not None else None
-        if size is None:
-            from heads import efficientdet_preset
-
-            size = efficientdet_preset(detection_scale(self.model)).input_size
+        size = detector_at(detection_scale(self.model)).input_size  # D0 512 ... D7 1536, interpolated between
         return [size, size]
 
 
-def detection_scale(model: ModelConfig):
-    """What names the EfficientDet scale: ``model.phi`` (free), else ``model.scale`` (0..7, 7x), else the
-    D-number matching ``model.backbone`` (efficientnet-b3 -> D3)."""
-    if model.phi is not None:
-        return float(model.phi)
-    if model.scale is not None:
-        return model.scale
-    name = model.backbone
-    if name.startswith("efficientnet-b") and name[-1].isdigit():
-        return int(name.rsplit("b", 1)[1])
-    raise ValueError(f"model.backbone={name!r}: detection needs model.scale (0..7 or 7x) or model.phi")
-
-
-SCHEMAS: dict[str, type[Config]] = {
-    "classification": ClassificationConfig,
-    "segmentation": SegmentationConfig,
-    "detection": DetectionConfig,
-}
+def task_schemas() -> dict[str, type[Config]]:
+    """Task name -> its ``Config`` subclass, in definition order."""
+    return {cls.TASK: cls for cls in Config.__subclasses__() if cls.TASK}

@@ -13,34 +13,10 @@ writer.
 
 from __future__ import annotations
 
-from backbones.errors import EffdenseError
-
-
-class DataError(EffdenseError):
-    """A bad dataset: a missing folder, an empty class, an unreadable image, a wrong label. One-line
-    message naming the path, what was wrong and what was expected.
-
-    Raised inside a DataLoader worker, torch re-raises it in the main process as the same class built
-    from a multi-line "Caught ... in DataLoader worker process N ... Original Traceback" text; the
-    constructor recovers the original one-line message from it, so every subclass, in every task,
-    reaches the user as the line it was raised with.
-    """
-
-    def __init__(self, message: object = ""):
-        super().__init__(_original_message(str(message)))
-
-
-def _original_message(text: str) -> str:
-    if not (text.startswith("Caught ") and "Original Traceback" in text):
-        return text
-    last = text.rstrip().splitlines()[-1]  # "package.module.SomeDataError: <the original message>"
-    name, sep, message = last.partition(": ")
-    return message if sep and " " not in name else last
-
-
-from .formats import FORMATS, DataFormat  # noqa: E402  (the submodules import DataError from here)
-from .imagefolder import ImageFolderDataset  # noqa: E402
-from .loaders import build_loaders  # noqa: E402
+from tasks.data.errors import DataError
+from tasks.data.formats import FORMATS, DataFormat
+from tasks.data.imagefolder import ImageFolderDataset
+from tasks.data.loaders import build_loaders
 
 __all__ = ["DataError", "DataFormat", "FORMATS", "ImageFolderDataset", "build_loaders", "check_dataset"]
 

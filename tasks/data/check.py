@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tasks.config import Config
 
-from .imagefolder import SplitListing, UnreadableImageError, class_mismatch, list_split, read_rgb
+from tasks.data.images import UnreadableImageError, read_rgb
+from tasks.data.imagefolder import SplitListing, class_mismatch, list_split
 
 
 def check_imagefolder(source: Config | str | Path, train_split: str = "train", val_split: str = "val",
@@ -29,7 +30,7 @@ def check_imagefolder(source: Config | str | Path, train_split: str = "train", v
     train, val = list_split(source, train_split), list_split(source, val_split)
     problems = _layout_problems(train, val)
     if cfg is not None and train.classes and len(train.classes) != cfg.model.num_classes:
-        from .formats import num_classes_problem
+        from tasks.data.imagefolder import num_classes_problem
 
         problems.append(num_classes_problem(cfg, train.classes, train_split))
     paths = [path for listing in (train, val) for path, _ in listing.samples]

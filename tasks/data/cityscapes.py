@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .seg_common import MaskError, Pair, PairedSegmentationDataset, PairListing, PairReader, check_pairs, read_mask
+from tasks.data.seg_common import MaskError, Pair, PairedSegmentationDataset, PairListing, PairReader, check_pairs, read_mask
 
 __all__ = ["CityscapesLabel", "LABELS", "CLASS_NAMES", "CATEGORIES", "TRAIN_ID_COLORS", "LABEL_TO_TRAIN_ID",
            "TRAIN_TO_LABEL_ID", "CityscapesDataset", "CityscapesReader", "list_cityscapes", "check_cityscapes", "write_train_ids",

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import DataError
-from .imagefolder import UnreadableImageError, read_rgb
+from tasks.data.errors import DataError
+from tasks.data.images import UnreadableImageError, read_rgb
 
 log = logging.getLogger("effdense")
 
@@ -54,6 +54,15 @@ def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     if not image_dir.is_dir() and (root / "images" / split).is_dir():
         image_dir = root / "images" / split
     return root / "annotations" / f"instances_{split}.json", image_dir
+
+
+def annotation_paths(cfg, split: str, train: bool):
+    """(annotation json, image folder) of a split, as paths: ``data.{train,val}_annotations/_images``, else COCO's
+    layout under ``data.root``."""
+    default_ann, default_dir = coco_paths(cfg.data.root, split)
+    ann = cfg.data.train_annotations if train else cfg.data.val_annotations
+    images = cfg.data.train_images if train else cfg.data.val_images
+    return (Path(ann) if ann else default_ann), (Path(images) if images else default_dir)
 
 
 def read_annotation_file(path: str | Path) -> dict:

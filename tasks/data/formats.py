@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tasks.config import Config, resolve_image_size
 
-from . import DataError
-from .imagefolder import ImageFolderDataset, class_mismatch, list_split
-from .transforms import classification_eval_transform, classification_train_transform
+from tasks.data.errors import DataError
+from tasks.data.imagefolder import ImageFolderDataset, class_mismatch, list_split, num_classes_problem
+from tasks.data.transforms.classification import classification_eval_transform, classification_train_transform
 
 @dataclass(frozen=True)
 class DataFormat:
@@ -44,37 +44,30 @@ def _imagefolder_dataset(cfg: Config, split: str, train: bool) -> ImageFolderDat
         raise DataError(num_classes_problem(cfg, dataset.classes, split))
     return dataset
 
-def num_classes_problem(cfg: Config, classes: list[str], split: str) -> str:
-    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-    return (f"model.num_classes={cfg.model.num_classes} but data.root '{cfg.data.root}' has {len(classes)} class "
-            f"folders in '{split}' ({shown}); set model.num_classes={len(classes)}")
-
 def _imagefolder_check(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
-    from .check import check_imagefolder
+    from tasks.data.check import check_imagefolder
 
     return check_imagefolder(cfg, workers=workers, progress=progress)
 
 def _imagefolder_synth(root: str | Path, seed: int = 0, classes: int = 4, **options) -> Path:
-    from .synthetic import write_classification
+    from tasks.data.synthetic.classification import write_classification
 
     return write_classification(root, num_classes=classes, seed=seed, **options)
 
 # -- cityscapes and mask folders (segmentation) ------------------------------------------------------
 
 def _segmentation_transform(cfg: Config, train: bool):
-    from tasks.segmentation import eval_transform
-
-    from .seg_transforms import segmentation_train_transform
+    from tasks.data.transforms.segmentation import eval_transform_for, segmentation_train_transform
 
     if not train:
-        return eval_transform(cfg)
+        return eval_transform_for(cfg)
     augment = cfg.data.augment
     return segmentation_train_transform(resolve_image_size(cfg), (augment.scale_min, augment.scale_max),
                                         hflip=augment.hflip, photometric=augment.photometric,
                                         ignore_index=cfg.data.ignore_index)
 
 def _cityscapes_dataset(cfg: Config, split: str, train: bool):
-    from .cityscapes import CityscapesDataset, NUM_CLASSES
+    from tasks.data.cityscapes import CityscapesDataset, NUM_CLASSES
 
     if cfg.model.num_classes != NUM_CLASSES:
         raise DataError(f"model.num_classes={cfg.model.num_classes} but Cityscapes has {NUM_CLASSES} train ids; "
@@ -82,44 +75,42 @@ def _cityscapes_dataset(cfg: Config, split: str, train: bool):
     return CityscapesDataset(cfg.data.root, split, _segmentation_transform(cfg, train), cfg.data.on_bad_sample)
 
 def _maskfolder_dataset(cfg: Config, split: str, train: bool):
-    from .maskfolder import MaskFolderDataset
+    from tasks.data.maskfolder import MaskFolderDataset
 
     return MaskFolderDataset(cfg.data.root, split, cfg.model.num_classes, _segmentation_transform(cfg, train),
                              cfg.data.on_bad_sample, cfg.data.ignore_index, cfg.data.class_names)
 
 def _check_cityscapes(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
-    from .cityscapes import check_cityscapes
+    from tasks.data.cityscapes import check_cityscapes
 
     return check_cityscapes(cfg.data.root, (cfg.data.train_split, cfg.data.val_split), workers, progress)
 
 def _check_maskfolder(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
-    from .maskfolder import check_maskfolder
+    from tasks.data.maskfolder import check_maskfolder
 
     return check_maskfolder(cfg.data.root, cfg.model.num_classes, cfg.data.ignore_index,
                             (cfg.data.train_split, cfg.data.val_split), workers, progress)
 
 def _synth_cityscapes(root: str | Path, seed: int = 0, **options) -> Path:
-    from .synthetic_segmentation import write_cityscapes
+    from tasks.data.synthetic.segmentation import write_cityscapes
 
     return write_cityscapes(root, seed=seed, **options)
 
 def _synth_maskfolder(root: str | Path, seed: int = 0, **options) -> Path:
-    from .synthetic_segmentation import write_maskfolder
+    from tasks.data.synthetic.segmentation import write_maskfolder
 
     return write_maskfolder(root, seed=seed, **options)
 
 def _segmentation_collate_for(cfg: Config, train: bool):
-    from .seg_common import segmentation_collate
+    from tasks.data.seg_common import segmentation_collate
 
     return segmentation_collate(train, cfg.data.ignore_index)
 
 # -- coco (detection) ----------------------------------------------------------------------------------
 
 def _coco_dataset(cfg: Config, split: str, train: bool):
-    from tasks.detection import annotation_paths
-
-    from .coco import CocoDetection, classes_problem
-    from .det_transforms import DetectionEvalTransform, DetectionTrainTransform
+    from tasks.data.coco import CocoDetection, annotation_paths, classes_problem
+    from tasks.data.transforms.detection import DetectionEvalTransform, DetectionTrainTransform
 
     size, augment = resolve_image_size(cfg), cfg.data.augment
     transform = (DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip) if train
@@ -134,14 +125,12 @@ def _coco_dataset(cfg: Config, split: str, train: bool):
     return dataset
 
 def _coco_collate(cfg: Config, train: bool):
-    from .det_transforms import detection_collate
+    from tasks.data.transforms.detection import detection_collate
 
     return detection_collate
 
 def _check_coco(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
-    from tasks.detection import annotation_paths
-
-    from .coco import check_coco
+    from tasks.data.coco import annotation_paths, check_coco
 
     problems = []
     for split, train in ((cfg.data.train_split, True), (cfg.data.val_split, False)):
@@ -152,7 +141,7 @@ def _check_coco(cfg: Config, workers: int = 4, progress: bool = False) -> list[s
     return problems
 
 def _synth_coco(root: str | Path, seed: int = 0, **options) -> Path:
-    from .synthetic_detection import write_coco
+    from tasks.data.synthetic.detection import write_coco
 
     return write_coco(root, seed=seed, **options)
 

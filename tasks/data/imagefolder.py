@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2.functional import pil_to_tensor
 
-from . import DataError
+from tasks.data.errors import DataError
+from tasks.data.images import IMAGE_EXTENSIONS, UnreadableImageError, read_rgb
 
 log = logging.getLogger("effdense")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LAYOUT = "<root>/<split>/<class>/*.jpg"
 ON_BAD_SAMPLE_CHOICES = ("error", "skip")
-
-
-class UnreadableImageError(DataError):
-    """An image file that cannot be decoded (corrupt, truncated, or not an image)."""
 
 
 @dataclass
@@ -84,31 +75,6 @@ def _few(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def read_rgb(path: str | Path) -> torch.Tensor:
-    """Decode an image file to a uint8 (3, H, W) RGB tensor, or raise one line naming the file."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise UnreadableImageError(f"{path}: cannot read the file ({error.strerror or error})") from None
-    try:
-        if not data:
-            raise ValueError("the file is empty")
-        if data[:2] == b"BM":  # torchvision.io decodes JPEG/PNG/WebP/GIF; BMP goes through Pillow
-            with Image.open(io.BytesIO(data)) as image:
-                return pil_to_tensor(image.convert("RGB"))
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UnreadableImageError(f"{path} is not a readable image (corrupt or truncated?): "
-                                   f"{_short_reason(error)}") from None
-
-
-def _short_reason(error: Exception) -> str:
-    """The useful part of a decoder message, without torchvision's 'func, file.cpp:123, ' prefix."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return re.sub(r"^\w+, \S+:\d+, ", "", text).split(". ")[0]
-
-
 class ImageFolderDataset(Dataset):
     """Samples ``(uint8 tensor (3, H, W), int label)`` from ``root/split/<class>/*``.
 
@@ -163,3 +129,9 @@ class ImageFolderDataset(Dataset):
                 self.bad_samples.append(path)
                 log.warning("skipping %s (data.on_bad_sample=skip)", error)
         raise DataError(f"'{self.split_dir}': none of the {len(self.samples)} images is readable")
+
+
+def num_classes_problem(cfg, classes: list[str], split: str) -> str:
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    return (f"model.num_classes={cfg.model.num_classes} but data.root '{cfg.data.root}' has {len(classes)} class "
+            f"folders in '{split}' ({shown}); set model.num_classes={len(classes)}")

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from tasks.config import Config
 from tasks.engine.distributed import setup_process
 
-from . import DataError
-from .formats import FORMATS, formats_for
+from tasks.data.errors import DataError
+from tasks.data.formats import FORMATS, formats_for
 
 SPLITS = ("train", "val")
 

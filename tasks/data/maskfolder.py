@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .imagefolder import IMAGE_EXTENSIONS
-from .seg_common import Pair, PairedSegmentationDataset, PairListing, PairReader, check_pairs
+from tasks.data.images import IMAGE_EXTENSIONS
+from tasks.data.seg_common import Pair, PairedSegmentationDataset, PairListing, PairReader, check_pairs
 
 __all__ = ["MaskFolderDataset", "list_maskfolder", "check_maskfolder", "LAYOUT"]
 

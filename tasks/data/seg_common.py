@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from . import DataError
-from .imagefolder import ON_BAD_SAMPLE_CHOICES, UnreadableImageError, read_rgb
+from tasks.data.errors import DataError
+from tasks.data.images import UnreadableImageError, read_image
+from tasks.data.imagefolder import ON_BAD_SAMPLE_CHOICES
 
 log = logging.getLogger("effdense")
 
@@ -48,14 +49,6 @@ class PairListing:
     pairs: list[Pair] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     fatal: list[str] = field(default_factory=list)  # problems no skipping can get around (missing folders)
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """uint8 (3, H, W) RGB from any image file; grayscale and RGBA convert, 16-bit keeps its top 8 bits."""
-    image = read_rgb(path)
-    if image.dtype == torch.uint16:
-        image = (image.to(torch.int32) >> 8).to(torch.uint8)
-    return image
 
 
 def read_mask(path: str | Path) -> torch.Tensor:

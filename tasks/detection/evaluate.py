@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .data.coco import build_coco, category_maps, read_annotation_file
-from .data.det_transforms import unletterbox_boxes
-from .detection_postprocess import PostProcess
+from tasks.data.coco import build_coco, category_maps, read_annotation_file
+from tasks.data.transforms.detection import unletterbox_boxes
+from tasks.engine.distributed import broadcast_object, gather_objects
+
+from .postprocess import PostProcess
 
 log = logging.getLogger("effdense")
 
@@ -54,10 +55,6 @@ def load_ground_truth(path: str | os.PathLike, label_map: str = "contiguous") ->
             ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
     cat_ids, _, _ = category_maps(data["categories"], label_map, path)
     return GroundTruth(str(path), build_coco(data), cat_ids, label_map)
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class CocoEvaluator:
@@ -112,19 +109,16 @@ class CocoEvaluator:
     def compute(self) -> dict[str, float]:
         rows = np.concatenate(self._rows) if self._rows else np.zeros((0, 7))
         seen = sorted(set(self._seen))
-        if _is_distributed():
-            gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-            dist.gather_object((rows, seen), gathered, dst=0)
-            if dist.get_rank() == 0:
-                rows = np.concatenate([r for r, _ in gathered])
-                seen = sorted({i for _, ids in gathered for i in ids})
-            result = [self._evaluate_or_error(rows, seen) if dist.get_rank() == 0 else None]
-            dist.broadcast_object_list(result, src=0)  # every rank returns (or raises) the same
-        else:
-            result = [self._evaluate_or_error(rows, seen)]
-        if isinstance(result[0], str):
-            raise RuntimeError(result[0])
-        return result[0]
+        gathered = gather_objects((rows, seen))  # [(rows, seen)] in one process
+        result = None
+        if gathered is not None:  # the main process evaluates
+            rows = np.concatenate([r for r, _ in gathered])
+            seen = sorted({i for _, ids in gathered for i in ids})
+            result = self._evaluate_or_error(rows, seen)
+        result = broadcast_object(result)  # every rank returns (or raises) the same
+        if isinstance(result, str):
+            raise RuntimeError(result)
+        return result
 
     def _evaluate_or_error(self, rows: np.ndarray, seen: list[int]) -> dict[str, float] | str:
         if not seen:

@@ -20,9 +20,11 @@ import backbones
 from heads.anchors import AnchorGenerator, match_anchors
 from heads.efficientdet import EfficientDet, EfficientDetPreset, efficientdet_preset
 
-from .detection_loss import BOX_LOSS_WEIGHT, FOCAL_ALPHA, FOCAL_GAMMA, HUBER_DELTA, detection_loss
-from .detection_postprocess import PostProcess, postprocess
-from .schema import IMAGENET_MEAN, IMAGENET_STD
+from tasks.config.schema import IMAGENET_MEAN, IMAGENET_STD
+from tasks.engine.normalize import PixelNormalization
+
+from .loss import BOX_LOSS_WEIGHT, FOCAL_ALPHA, FOCAL_GAMMA, HUBER_DELTA, detection_loss
+from .postprocess import PostProcess, postprocess
 
 
 class EfficientDetector(EfficientDet):
@@ -153,7 +155,7 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
     """
     if preset is None:
         preset, flavour = resolve_name(name, phi)
-    else:  # a row made elsewhere (tasks.scaling: a fractional phi between two published rows)
+    else:  # a row made elsewhere (tasks.config.scaling.detector_row)
         flavour, name = {}, preset.name
     padding = padding or flavour.get("padding", "symmetric")
     backbone_options = {}
@@ -182,7 +184,7 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
                               input_size=preset.input_size, name=name if phi is None else f"efficientdet(phi={phi:g})",
                               **options)
     if weights is not None:
-        from .detection_weights import load_detector_weights
+        from .weights import load_detector_weights
 
         load_detector_weights(model, weights)
     return model
@@ -191,14 +193,14 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
 # ------------------------------------------------------------------------------------------ task
 
 
-class DetectionTask(nn.Module):
+class DetectionTask(PixelNormalization):
     """The engine's task protocol for detection: uint8 images (N, 3, H, W) in.
 
     Train mode: ``forward(images, targets)`` -> ``{"class_loss", "box_loss"}``; eval mode:
     ``forward(images)`` -> detections in input pixels (the evaluator maps them to the original image
     with each target's ``scale``/``offset``). ``annotation_file`` is the evaluation split's COCO json
     (the engine writes the evaluator's ``detections.json`` into the run directory); ``class_names`` and
-    ``cat_ids`` (label -> the json's category id) label what :func:`predict_paths` draws and writes;
+    ``cat_ids`` (label -> the json's category id) label what ``tasks.detection.predict`` draws and writes;
     ``label_map`` (``data.label_map``) is how the evaluator maps labels to the json's ids.
     """
 
@@ -208,10 +210,8 @@ class DetectionTask(nn.Module):
                  annotation_file: str | None = None,
                  class_names: Sequence[str] | None = None, cat_ids: Sequence[int] | None = None,
                  label_map: str = "contiguous"):
-        super().__init__()
+        super().__init__(mean, std)  # normalisation on the device, on uint8 input
         self.net = net
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
-        self.register_buffer("pixel_scale", 1.0 / (torch.tensor(std).view(1, -1, 1, 1) * 255), persistent=False)
         self.annotation_file = annotation_file
         self.class_names = list(class_names) if class_names is not None else None
         self.cat_ids = [int(c) for c in cat_ids] if cat_ids is not None else None
@@ -221,7 +221,7 @@ class DetectionTask(nn.Module):
     def load_weights(self, path) -> None:
         """A detector file into ``net``, strictly: ours (``last.pt``: EMA weights when it has them,
         ``model.safetensors``) or effdet's ``tf_efficientdet_d*`` / ``efficientdet_d*``."""
-        from .detection_weights import load_detector_weights
+        from .weights import load_detector_weights
 
         load_detector_weights(self.net, path)
 
@@ -233,10 +233,6 @@ class DetectionTask(nn.Module):
     def num_classes(self) -> int:
         return self.net.num_classes
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(x - 255 mean) / (255 std) in float32, into a new tensor (the input is left as it is)."""
-        return (images.to(torch.float32) - self.pixel_mean).mul_(self.pixel_scale)
-
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
         x = self.normalize(images)
         if self.training:
@@ -244,7 +240,7 @@ class DetectionTask(nn.Module):
         return self.net(x)
 
     def make_evaluator(self):
-        from .detection_eval import CocoEvaluator, load_ground_truth
+        from .evaluate import CocoEvaluator, load_ground_truth
 
         if self.annotation_file is None:
             raise ValueError("DetectionTask.annotation_file is not set: the evaluator needs the split's COCO json")
@@ -258,7 +254,7 @@ class DetectionTask(nn.Module):
                ) -> list[dict[str, torch.Tensor]]:
         """Detections on original-size uint8 images (3, H, W): letterboxed to ``size`` ((h, w) or an int;
         default the preset's input size), run in eval mode, boxes mapped back to each image and clipped."""
-        from .data.det_transforms import letterbox, unletterbox_boxes
+        from tasks.data.transforms.detection import letterbox, unletterbox_boxes
 
         size = size or self.net.input_size or 512
         device = self.pixel_mean.device
@@ -274,86 +270,12 @@ class DetectionTask(nn.Module):
         return list(detections)
 
 
-def predict_paths(task: DetectionTask, paths: Sequence[str], out: str | None = None,
-                  size: int | Sequence[int] | None = None, score_threshold: float = 0.3) -> list[dict]:
-    """Detect on image files; print one line per image. With ``out``: each image drawn with its boxes
-    scoring above ``score_threshold`` (``<out>/<name>``, PNG or JPEG as the input) and every detection
-    in ``<out>/detections.json`` (COCO results format plus ``file_name``; ``image_id`` = position in
-    ``paths``; ``category_id`` = the json's id when ``task.cat_ids`` is known, else the label)."""
-    import json
-    from pathlib import Path
-
-    from torchvision.io import encode_jpeg, encode_png
-
-    from .data.imagefolder import read_rgb
-
-    folder = Path(out) if out else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    names, cat_ids = task.class_names, task.cat_ids
-    results, rows = [], []
-    for index, path in enumerate(paths):
-        image = read_rgb(path)
-        detection = {k: v.cpu() for k, v in task.detect([image], size)[0].items()}
-        keep = detection["scores"] > score_threshold
-        shown = [f"{names[int(c)] if names else int(c)} {float(s):.2f}"
-                 for c, s in zip(detection["labels"][keep], detection["scores"][keep])]
-        line = f"{path}: {int(keep.sum())} detections above {score_threshold:g}"
-        print(line + (": " + ", ".join(shown) if shown else ""))
-        for box, score, label in zip(detection["boxes"].tolist(), detection["scores"].tolist(),
-                                     detection["labels"].tolist()):
-            rows.append({"image_id": index, "file_name": str(path), "score": round(score, 5),
-                         "category_id": cat_ids[label] if cat_ids else label,
-                         "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
-                                  round(box[3] - box[1], 2)]})
-        if folder is not None:
-            drawn = draw_detections(image, detection, names, score_threshold)
-            target = folder / Path(path).name
-            if target.suffix.lower() in (".jpg", ".jpeg"):
-                target.write_bytes(encode_jpeg(drawn, quality=92).numpy().tobytes())
-            else:
-                target = target.with_suffix(".png")
-                target.write_bytes(encode_png(drawn).numpy().tobytes())
-        results.append({"image": str(path), **detection})
-    if folder is not None:
-        (folder / "detections.json").write_text(json.dumps(rows))
-        print(f"wrote {folder / 'detections.json'} and {len(paths)} drawn images")
-    return results
-
-
-def draw_detections(image: torch.Tensor, detection: dict[str, torch.Tensor], class_names: Sequence[str] | None = None,
-                    score_threshold: float = 0.0, width: int = 2) -> torch.Tensor:
-    """``image`` (uint8 (3, H, W)) with the boxes scoring above ``score_threshold`` drawn, each labelled
-    with its class name (or index) and score."""
-    from torchvision.utils import draw_bounding_boxes
-
-    keep = detection["scores"] > score_threshold
-    boxes, scores, labels = (detection[k][keep].cpu() for k in ("boxes", "scores", "labels"))
-    names = [f"{class_names[int(c)] if class_names else int(c)} {float(s):.2f}" for c, s in zip(labels, scores)]
-    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
-    colors = [palette[int(c) % len(palette)] for c in labels]
-    if not len(boxes):
-        return image.clone()
-    return draw_bounding_boxes(image.cpu(), boxes, labels=names, colors=colors, width=width)
-
-
 # ------------------------------------------------------------------------------------------ from a config
-
-def annotation_paths(cfg, split: str, train: bool):
-    """(annotation json, image folder) of a split: ``data.{train,val}_annotations/_images``, else COCO's layout."""
-    from .data.coco import coco_paths
-
-    default_ann, default_dir = coco_paths(cfg.data.root, split)
-    ann = cfg.data.train_annotations if train else cfg.data.val_annotations
-    images = cfg.data.train_images if train else cfg.data.val_images
-    return (ann or default_ann), (images or default_dir)
-
 
 def detector_name(model_cfg) -> str:
     """The build_detector name of ``model.scale`` / ``model.backbone`` (``model.phi`` goes through
-    ``tasks.scaling.detector_at`` instead)."""
-    from .schema import detection_scale
+    ``tasks.config.scaling.detector_row`` instead)."""
+    from tasks.config.scaling import detection_scale
 
     index = str(detection_scale(model_cfg)).lower().removeprefix("efficientdet-").removeprefix("d")
     return f"efficientdet-d{index.removesuffix('.0')}"
@@ -362,12 +284,14 @@ def detector_name(model_cfg) -> str:
 def build_model(cfg) -> DetectionTask:
     """The detection task module a ``tasks.config.DetectionConfig`` describes. Class names and the
     label -> category id map come from the validation json when it exists (else from the weights file,
-    which stores them)."""
-    from .scaling import detector_at
+    which stores them). Whole-model ``model.weights`` replace ``model.backbone_weights`` (then not read,
+    nor fetched)."""
+    from tasks.config.scaling import detector_row
+    from tasks.data.coco import annotation_paths
 
     m, det, loss = cfg.model, cfg.model.detection, cfg.loss
     if m.phi is not None:  # the row model.phi resolves to (a fractional phi interpolates the table)
-        name, options = "efficientdet", {"preset": detector_at(m.phi)}
+        name, options = "efficientdet", {"preset": detector_row(m)}
     else:
         name, options = detector_name(m), {}
     if m.norm_eps is not None:
@@ -377,7 +301,7 @@ def build_model(cfg) -> DetectionTask:
     for key in ("fusion", "anchor_scale"):
         if getattr(det, key) is not None:
             options[key] = getattr(det, key)
-    net = build_detector(name, m.num_classes, weights=m.weights, backbone_weights=m.backbone_weights,
+    net = build_detector(name, m.num_classes, weights=m.weights, backbone_weights=None if m.weights else m.backbone_weights,
                          padding=m.padding, width=det.width, repeats=det.repeats, head_depth=det.head_depth,
                          drop_path=m.drop_path, nms=det.nms, nms_iou=det.nms_iou, max_candidates=det.candidates,
                          max_detections=det.max_detections, score_threshold=det.score_threshold,
@@ -386,16 +310,9 @@ def build_model(cfg) -> DetectionTask:
     annotation_file, _ = annotation_paths(cfg, cfg.data.val_split, train=False)
     names = cat_ids = None
     if annotation_file.is_file():
-        from .data.coco import category_maps, read_annotation_file
+        from tasks.data.coco import category_maps, read_annotation_file
 
         cat_ids, _, names = category_maps(read_annotation_file(annotation_file)["categories"], cfg.data.label_map,
                                           annotation_file)
     return DetectionTask(net, mean=cfg.data.mean, std=cfg.data.std, annotation_file=str(annotation_file),
                          class_names=names, cat_ids=cat_ids, label_map=cfg.data.label_map)
-
-
-def predict(cfg, model: DetectionTask, paths, out=None, score_threshold: float = 0.3, **_options) -> list[dict]:
-    """Boxes, class names and scores drawn on each image (``out``), plus a COCO results json."""
-    from .config import resolve_image_size
-
-    return predict_paths(model, paths, out, size=resolve_image_size(cfg), score_threshold=score_threshold)

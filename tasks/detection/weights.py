@@ -19,16 +19,12 @@ import torch
 from torch import nn
 
 from backbones.errors import WeightsError
+from backbones.errors import mismatch_parts, preview
 from backbones.weights import LoadReport, load_state, read_state_dict
 
 LOG = logging.getLogger("effdense")
 
 _CLASS_PREDICTOR = ("class_net.predict.pw.weight", "class_net.predict.pw.bias")
-
-
-def _preview(items, count: int = 3) -> str:
-    items = [str(i) for i in items]
-    return ", ".join(items[:count]) + (f", ... ({len(items)} in all)" if len(items) > count else "")
 
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
@@ -111,7 +107,7 @@ def load_detector_weights(model: nn.Module, source: str | os.PathLike | dict, la
     state = _unwrap_bench(state)
     layout = detect_layout(state)
     if layout == "backbone":
-        raise WeightsError(f"{label}: holds no detector (no fpn.* keys, first keys: {_preview(state)}); expected an "
+        raise WeightsError(f"{label}: holds no detector (no fpn.* keys, first keys: {preview(state)}); expected an "
                          f"effdet or effdense detector file; a classifier/backbone file goes in backbone_weights")
     if layout == "effdense":
         return _load_effdense(model, state, label)
@@ -205,9 +201,6 @@ def _load_effdet(model: nn.Module, state: dict, label: str) -> LoadReport:
 def _raise_mismatch(label: str, layout: str, missing: list, unexpected: list, shapes: list) -> None:
     if not (missing or unexpected or shapes):
         return
-    parts = [f"{len(missing)} missing keys ({_preview(missing)})" if missing else "0 missing keys",
-             f"{len(unexpected)} unexpected keys ({_preview(unexpected)})" if unexpected else "0 unexpected keys"]
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches ({_preview(shapes)})")
-    raise WeightsError(f"{label}: {layout} detector checkpoint does not fit this model: {'; '.join(parts)}; expected "
+    raise WeightsError(f"{label}: {layout} detector checkpoint does not fit this model: "
+                       f"{mismatch_parts(missing, unexpected, shapes)}; expected "
                      f"weights of the same EfficientDet size (name/phi) and options")

@@ -6,8 +6,8 @@ optimizers/schedules and the run directory. Nothing here imports a task module.
 >>> evaluate(task_model, loaders["val"], device="cpu")
 """
 
-from .errors import EngineError
-from .evaluate import evaluate
-from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+from tasks.engine.errors import EngineError
+from tasks.engine.evaluate import evaluate
+from tasks.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 __all__ = ["EngineError", "NonFiniteLossError", "Trainer", "TrainingInterrupted", "evaluate"]

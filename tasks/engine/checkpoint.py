@@ -31,7 +31,7 @@ import torch
 from backbones.files import TEMP_MARKER, atomic_write, write_safetensors
 from backbones.weights import checkpoint_network_state
 
-from .errors import EngineError
+from tasks.engine.errors import EngineError
 
 FORMAT = "effdense-checkpoint-v1"
 

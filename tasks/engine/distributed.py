@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tasks.engine.errors import EngineError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -245,3 +247,16 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+
+
+def check_sharded(loaders: dict, world_size: int) -> None:
+    """Under DDP every loader must shard across the ranks; a loader built before the process group was
+    joined would silently feed every rank the whole dataset."""
+    if world_size <= 1:
+        return
+    for name, loader in loaders.items():
+        sampler = getattr(loader, "sampler", None)
+        if getattr(sampler, "num_replicas", None) != world_size:
+            raise EngineError(f"loaders[{name!r}] is not sharded across the {world_size} processes (its sampler is "
+                              f"{type(sampler).__name__}); build loaders with tasks.data.build_loaders, which joins the "
+                              f"process group first, or give them a DistributedSampler")

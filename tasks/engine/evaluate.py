@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed as dist_utils
-from .distributed import to_device
-from .runlog import progress_bar
+from tasks.engine import distributed as dist_utils
+from tasks.engine.distributed import to_device
+from tasks.engine.runlog import progress_bar
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

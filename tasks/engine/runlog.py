@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
-from .errors import EngineError
+from tasks.engine.checkpoint import atomic_write
+from tasks.engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,14 @@ def claim_run_dir(run_dir: str | os.PathLike, overwrite: bool = False) -> None:
 
 def config_dict(cfg: Any) -> dict:
     """The config as plain dicts/lists/scalars."""
-    from ..config import to_dict
+    from tasks.config import to_dict
 
     return to_dict(cfg)
 
 
 def write_config(cfg: Any, path: str | os.PathLike) -> None:
     """``config.yaml``: the resolved config, a complete file ``tasks.config.load`` reads back."""
-    from ..config import save
+    from tasks.config import save
 
     save(cfg, path)
 
@@ -205,7 +205,7 @@ class LossTracker:
 
     def read(self) -> torch.Tensor:
         """The window's rows (averaged over ranks) as a float64 host tensor; starts a new window."""
-        from . import distributed
+        from tasks.engine import distributed
 
         rows = self._buffer[: self.rows]
         distributed.all_reduce_mean_(rows)

@@ -22,7 +22,7 @@ Signals: SIGTERM/SIGINT ask the loop to stop after the current optimizer step (u
 ``log_every`` boundary, where all ranks agree); it writes ``last.pt`` with the mid-epoch position and
 raises ``TrainingInterrupted``, whose ``exit_code`` is 128 + signal (130 SIGINT, 143 SIGTERM) for the
 CLI to exit with. A second SIGINT raises ``KeyboardInterrupt`` at once. Previous handlers are restored.
-How ``resume`` is exact: see ``tasks.checkpoint``.
+How ``resume`` is exact: see ``tasks.engine.checkpoint``.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from . import distributed as dist_utils
-from .distributed import to_device
-from .errors import EngineError
-from .evaluate import autocast, images_to_device, is_improvement, run_evaluation
-from .optim import ModelEMA, build_optimizer, build_schedule, scaled_lr, steps_per_epoch
-from .runlog import LossTracker, RunLog, claim_run_dir, config_dict, progress_bar, write_config
+from tasks.engine import checkpoint as ckpt
+from tasks.engine import distributed as dist_utils
+from tasks.engine.distributed import to_device
+from tasks.engine.errors import EngineError
+from tasks.engine.evaluate import autocast, images_to_device, is_improvement, run_evaluation
+from tasks.engine.optim import ModelEMA, build_optimizer, build_schedule, scaled_lr, steps_per_epoch
+from tasks.engine.runlog import LossTracker, RunLog, claim_run_dir, config_dict, progress_bar, write_config
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Trainer:
         t = self.train_cfg = cfg.train
         self.cfg, self.loaders = cfg, loaders
         self.device, self.dist = dist_utils.setup_process(t.device, t.deterministic)
-        _check_sharded(loaders, self.dist.world_size)
+        dist_utils.check_sharded(loaders, self.dist.world_size)
         ckpt.seed_everything(t.seed + self.dist.rank)
         self.scaler = torch.amp.GradScaler(self.device.type) if t.amp == "fp16" else None
         if self.scaler is not None:  # a step the scaler skips (inf grads) still advances the schedule: expected
@@ -428,19 +428,6 @@ class Trainer:
 
     def _autocast(self):
         return autocast(self.device, self.train_cfg.amp)
-
-
-def _check_sharded(loaders: dict, world_size: int) -> None:
-    """Under DDP every loader must shard across the ranks; a loader built before the process group was
-    joined would silently feed every rank the whole dataset."""
-    if world_size <= 1:
-        return
-    for name, loader in loaders.items():
-        sampler = getattr(loader, "sampler", None)
-        if getattr(sampler, "num_replicas", None) != world_size:
-            raise EngineError(f"loaders[{name!r}] is not sharded across the {world_size} processes (its sampler is "
-                              f"{type(sampler).__name__}); build loaders with tasks.data.build_loaders, which joins the "
-                              f"process group first, or give them a DistributedSampler")
 
 
 def _enable_grad_checkpointing(model: nn.Module) -> None:

@@ -27,8 +27,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
+
+from tasks.engine.distributed import all_reduce_sum_
 
 __all__ = ["SegmentationEvaluator", "labels_at_original"]
 
@@ -96,8 +97,7 @@ class SegmentationEvaluator:
 
     def compute(self) -> dict[str, float]:
         confusion = self.confusion.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(confusion)
+        all_reduce_sum_(confusion)
         if confusion.sum() == 0:
             raise RuntimeError("SegmentationEvaluator.compute(): no labelled pixels were evaluated "
                                "(empty validation split, or every mask pixel is ignore_index)")

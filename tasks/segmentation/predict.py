@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.seg_common import read_image
-from .segmentation_eval import labels_at_original
+from tasks.data.images import read_image
 
-__all__ = ["prediction_name", "default_palette", "predict_labels", "write_prediction", "predict_paths"]
+from .evaluate import labels_at_original
+
+__all__ = ["prediction_name", "default_palette", "predict_labels", "write_prediction", "predict_paths", "predict"]
 
 _CITYSCAPES_IMAGE = "_leftImg8bit"
 
@@ -88,4 +89,31 @@ def predict_paths(task, paths: Sequence[str | Path], out: str | Path | None = No
         shares = {names[i]: round(c / labels.numel(), 5) for i, c in enumerate(counts.tolist()) if c}
         files = {} if out is None else write_prediction(out, prediction_name(path), labels, image, colors, label_ids)
         results.append({"image": str(path), "files": {k: str(v) for k, v in files.items()}, "classes": shares})
+    return results
+
+
+def predict(cfg, model, paths, out=None, **_options) -> list[dict]:
+    """Per image, at its original resolution: a colour overlay, a trainId PNG and, for Cityscapes, a
+    ``<city_seq_frame>_labelIds.png`` (what cityscapesScripts' evaluator reads), flat in ``out``."""
+    from tasks.data.transforms.segmentation import eval_transform_for
+
+    colors = label_ids = None
+    if cfg.data.format == "cityscapes":
+        from tasks.data.cityscapes import TRAIN_ID_COLORS, TRAIN_TO_LABEL_ID
+
+        colors, label_ids = TRAIN_ID_COLORS, TRAIN_TO_LABEL_ID
+    from .build import dataset_classes
+
+    names = model.class_names or dataset_classes(cfg)[0]
+    results = predict_paths(model, paths, out, eval_transform_for(cfg), colors=colors, label_ids=label_ids,
+                            class_names=names)
+    for result in results:
+        top = sorted(result["classes"].items(), key=lambda item: -item[1])[:4]
+        print(f"{result['image']}: " + ", ".join(f"{name} {share:.0%}" for name, share in top))
+    if out:
+        import json
+        from pathlib import Path
+
+        (Path(out) / "predictions.json").write_text(json.dumps(results, indent=1))
+        print(f"wrote {len(results)} predictions to {out}")
     return results

@@ -17,6 +17,7 @@ import torchvision
 import backbones
 from backbones.errors import WeightsError
 from backbones import weights as W
+from backbones.convert import convert
 from tasks.classification import build_classifier
 
 timm = pytest.importorskip("timm")
@@ -285,7 +286,7 @@ def test_own_safetensors_round_trip(tmp_path):
 
 def test_convert_torchvision_then_strict_classifier_load(tv_b0, tmp_path):
     peer, path = tv_b0
-    out = W.convert(path, "efficientnet-b0", tmp_path / "b0.safetensors")
+    out = convert(path, "efficientnet-b0", tmp_path / "b0.safetensors")
     state = W.read_state_dict(out)
     assert "head.fc.weight" in state and "backbone.stem.conv.weight" in state
     num_classes = state["head.fc.weight"].shape[0]
@@ -297,7 +298,7 @@ def test_convert_torchvision_then_strict_classifier_load(tv_b0, tmp_path):
 def test_convert_headless_source_writes_backbone(tmp_path):
     torch.manual_seed(0)
     peer = timm.create_model("efficientnet_b0", pretrained=False, features_only=True)
-    out = W.convert(save_peer(peer, tmp_path / "f.pth"), "efficientnet-b0", tmp_path / "bb.safetensors")
+    out = convert(save_peer(peer, tmp_path / "f.pth"), "efficientnet-b0", tmp_path / "bb.safetensors")
     state = W.read_state_dict(out)
     assert "stem.conv.weight" in state and not any(k.startswith("head.") for k in state)
     assert torch.equal(state["stem.conv.weight"], peer.conv_stem.weight)

@@ -67,7 +67,7 @@ def test_fused_equals_unfused_on_cuda():
 
 
 def test_auto_batch_size_finds_a_batch_that_trains():
-    from tasks.budget_measure import find_batch_size
+    from tasks.budget.measure import find_batch_size
     from tasks.config import load
 
     cfg = load("configs/demo/segmentation.yaml", ["train.device=cuda", "data.image_size=128", "data.batch_size=2"])

@@ -105,7 +105,7 @@ def test_p2_pyramid_equals_effdet_bifpn(levels, size):
     from effdet.config import get_efficientdet_config
     from effdet.efficientdet import BiFpn
 
-    from tasks.detection_weights import effdet_names
+    from tasks.detection.weights import effdet_names
 
     config = get_efficientdet_config("efficientdet_d0")
     config.update(dict(min_level=levels[0], max_level=levels[-1], num_levels=len(levels), fpn_channels=24,

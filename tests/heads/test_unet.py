@@ -7,7 +7,7 @@ from segmentation_models_pytorch.base.heads import SegmentationHead as SmpSegmen
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder as SmpUnetDecoder
 
 from heads.unet import AuxClassificationHead, SegmentationHead, UNetDecoder
-from tasks.segmentation_smp import split_smp_state
+from tasks.segmentation.smp import split_smp_state
 
 CHANNELS = [16, 24, 40, 112, 320]  # B0 taps s2..s32
 SIZE = (67, 71)  # odd on purpose: every block must upsample to its skip's exact size

@@ -6,7 +6,7 @@ Rank 0 evaluates every image, rank 1 an empty shard; both must return the same m
 import torch
 import torch.distributed as dist
 
-from tasks.segmentation_eval import SegmentationEvaluator
+from tasks.segmentation.evaluate import SegmentationEvaluator
 
 
 def evaluate_rank(rank: int, world: int, init_file: str, logits: torch.Tensor, masks: torch.Tensor, out: str):

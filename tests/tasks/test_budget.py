@@ -17,14 +17,14 @@ from tasks.budget import (
     scales_from,
     search_phi,
 )
-from tasks.budget_measure import (
-    EXAMPLE_BATCHES,
+from tasks.budget.measure import (
     Measurement,
+    example_batch,
     find_batch_size,
     measure_scale,
 )
 from tasks.config import load
-from tasks.schema import DetectionConfig
+from tasks.config.schema import DetectionConfig
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo" / "classification.yaml"
 ALL_B = [f"efficientnet-b{i}" for i in range(8)]
@@ -170,17 +170,17 @@ def test_find_batch_size(cfg):
 
 
 def test_example_batches_follow_the_training_formats():
-    from tasks.schema import SegmentationConfig
+    from tasks.config.schema import SegmentationConfig
 
     seg = SegmentationConfig()
     seg.data.image_size = [32, 48]
-    images, targets = EXAMPLE_BATCHES["segmentation"](seg, 2)
+    images, targets = example_batch(seg, 2)
     assert images.dtype == torch.uint8 and images.shape == (2, 3, 32, 48)
     assert targets["masks"].shape == (2, 32, 48) and targets["masks"].dtype == torch.int64
     assert set(targets["masks"].unique().tolist()) <= set(range(seg.model.num_classes)) | {255}
     det = DetectionConfig()
     det.data.image_size = [128, 256]
-    images, targets = EXAMPLE_BATCHES["detection"](det, 3)
+    images, targets = example_batch(det, 3)
     assert images.shape == (3, 3, 128, 256) and len(targets) == 3
     boxes = targets[0]["boxes"]
     assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes[:, 2] <= 256).all() and (boxes[:, 3] <= 128).all()

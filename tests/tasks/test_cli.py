@@ -15,7 +15,7 @@ DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo" / "classific
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from tasks.data.synthetic import write_classification
+    from tasks.data.synthetic.classification import write_classification
 
     return write_classification(tmp_path_factory.mktemp("data") / "shapes", num_classes=4, train_per_class=8,
                                 val_per_class=4, size=32)
@@ -241,7 +241,7 @@ def test_reusing_a_named_run_directory_is_refused(dataset, trained, capsys):
 
 
 def test_a_corrupt_image_in_a_worker_is_one_line_naming_the_file(tmp_path, capsys):
-    from tasks.data.synthetic import write_classification
+    from tasks.data.synthetic.classification import write_classification
 
     root = write_classification(tmp_path / "shapes", num_classes=4, train_per_class=4, val_per_class=2, size=32)
     victim = sorted((root / "train").glob("*/*.jpg"))[3]

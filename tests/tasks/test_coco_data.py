@@ -9,10 +9,10 @@ import torch
 
 from tasks.data import DataError
 from tasks.data.coco import BadAnnotationError, CocoDetection, CocoFormatError, MissingImageError, check_coco
-from tasks.data.det_transforms import (DetectionEvalTransform, DetectionTrainTransform, detection_collate, letterbox,
+from tasks.data.transforms.detection import (DetectionEvalTransform, DetectionTrainTransform, detection_collate, letterbox,
                                        unletterbox_boxes)
-from tasks.data.synthetic_detection import write_coco
-from tasks.detection_eval import STAT_NAMES, CocoEvaluator, load_ground_truth
+from tasks.data.synthetic.detection import write_coco
+from tasks.detection.evaluate import STAT_NAMES, CocoEvaluator, load_ground_truth
 
 
 @pytest.fixture(scope="module")

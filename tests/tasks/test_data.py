@@ -14,9 +14,10 @@ from PIL import Image
 from tasks import config as C
 from tasks.data import DataError, ImageFolderDataset, build_loaders
 from tasks.data.check import check_imagefolder as check_dataset
-from tasks.data.synthetic import write_classification
+from tasks.data.synthetic.classification import write_classification
 from tasks.data.loaders import EpochShuffleSampler
-from tasks.data.transforms import classification_eval_transform, classification_train_transform
+from tasks.config.schema import ClassificationAugmentConfig
+from tasks.data.transforms.classification import classification_eval_transform, classification_train_transform
 
 SHAPES = ["circle", "square", "stripes", "triangle"]  # sorted: the label order
 
@@ -186,7 +187,7 @@ def test_a_missing_split_folder_is_named(root):
 
 @pytest.mark.parametrize("randaugment", [False, True])
 def test_train_transform_keeps_uint8_and_outputs_the_size(randaugment):
-    augment = C.AugmentConfig(randaugment=randaugment)
+    augment = ClassificationAugmentConfig(randaugment=randaugment)
     image = torch.randint(0, 256, (3, 50, 80), dtype=torch.uint8)
     out = classification_train_transform(augment, (40, 40))(image)
     assert out.dtype == torch.uint8 and out.shape == (3, 40, 40)
@@ -197,7 +198,7 @@ def test_eval_transform_resizes_by_crop_pct_then_centre_crops():
     # resize short side to int(64 / 0.875) = 73 -> 73 x 146, centre crop 64 x 64 -> the edge sits mid-crop.
     image = torch.zeros(3, 100, 200, dtype=torch.uint8)
     image[:, :, 100:] = 255
-    transform = classification_eval_transform(C.AugmentConfig(eval_crop_pct=0.875), (64, 64))
+    transform = classification_eval_transform(ClassificationAugmentConfig(eval_crop_pct=0.875), (64, 64))
     assert transform.transforms[0].size == [73]
     out = transform(image)
     assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)

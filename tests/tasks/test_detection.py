@@ -7,8 +7,8 @@ import torch
 
 from heads.anchors import AnchorGenerator, decode_boxes, encode_boxes, feature_sizes, match_anchors
 from tasks.detection import DetectionTask, build_detector, draw_detections, pad_targets, predict_paths
-from tasks.detection_loss import detection_loss, focal_loss_sum
-from tasks.detection_postprocess import PostProcess, postprocess
+from tasks.detection.loss import detection_loss, focal_loss_sum
+from tasks.detection.postprocess import PostProcess, postprocess
 
 ASPECTS = [(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]
 
@@ -167,7 +167,7 @@ def test_soft_nms_matches_a_plain_loop_and_hard_nms_keeps_the_limit():
     box_out = torch.randn(2, 3, 4, generator=generator) * 0.1
     settings = PostProcess(nms="soft", max_detections=7)
     soft = postprocess(class_out, box_out, anchors, (100, 100), settings)
-    from tasks.detection_postprocess import select_candidates
+    from tasks.detection.postprocess import select_candidates
 
     boxes, scores, classes = select_candidates(class_out, box_out, anchors, (100, 100), 5000)
     for i in range(2):

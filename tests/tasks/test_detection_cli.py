@@ -13,7 +13,7 @@ DEMO = str(REPO / "configs" / "demo" / "detection.yaml")
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from tasks.data.synthetic_detection import write_coco
+    from tasks.data.synthetic.detection import write_coco
 
     return write_coco(tmp_path_factory.mktemp("det") / "coco", train_images=8, val_images=4, min_size=128, max_size=160)
 
@@ -34,7 +34,7 @@ def trained(shapes, tmp_path_factory):
 
 
 def test_train_writes_detections_and_the_twelve_stats(trained):
-    from tasks.detection_eval import STAT_NAMES
+    from tasks.detection.evaluate import STAT_NAMES
 
     record = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(f"val/{name}" in record for name in STAT_NAMES)

@@ -8,10 +8,10 @@ import torch
 import torch.multiprocessing as mp
 
 from tasks.data.coco import CocoDetection
-from tasks.data.det_transforms import DetectionEvalTransform
-from tasks.data.synthetic_detection import write_coco
-from tasks.detection_eval import CocoEvaluator
-from tasks.detection_loss import detection_loss, global_positives
+from tasks.data.transforms.detection import DetectionEvalTransform
+from tasks.data.synthetic.detection import write_coco
+from tasks.detection.evaluate import CocoEvaluator
+from tasks.detection.loss import detection_loss, global_positives
 
 
 def _fake_detections(dataset, indices):

@@ -236,7 +236,7 @@ def test_exact_resume_mid_epoch_through_the_real_loaders(tmp_path, workers):
     from tasks import registry
     from tasks.config import load
     from tasks.data import build_loaders
-    from tasks.data.synthetic import write_classification
+    from tasks.data.synthetic.classification import write_classification
 
     root = write_classification(tmp_path / "data", num_classes=4, train_per_class=5, val_per_class=2, size=32)
     sets = [f"data.root={root}", "data.image_size=32", "data.batch_size=4", f"data.workers={workers}",
@@ -265,7 +265,7 @@ def test_grad_checkpointing_reaches_the_dense_models(task):
     """The switch the Trainer flips (train.grad_checkpointing) reaches the backbone inside a U-Net and an
     EfficientDet, and recomputing the activations leaves the gradients as they were."""
     from tasks import registry
-    from tasks.budget_measure import example_batch
+    from tasks.budget.measure import example_batch
     from tasks.config import load
     from tasks.engine.trainer import _enable_grad_checkpointing
 

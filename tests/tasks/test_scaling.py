@@ -3,7 +3,7 @@
 import pytest
 
 from tasks import config as C
-from tasks.scaling import describe
+from tasks.registry import describe_scale as describe
 
 CLS = "configs/classification/efficientnet_b0_imagenet.yaml"
 DET = "configs/detection/efficientdet_d0_coco.yaml"
@@ -74,7 +74,7 @@ def test_the_knob_is_monotone_across_the_named_scales():
     tables and the closed-form rules would make phi = 2.95 bigger than phi = 3)."""
     import backbones
 
-    from tasks.scaling import backbone_at, detector_at
+    from tasks.config.scaling import backbone_at, detector_at
 
     phis = [k / 20 for k in range(0, 161)]
     found = [backbone_at(phi) for phi in phis]

@@ -13,8 +13,8 @@ from tasks.data.cityscapes import (CATEGORIES, CLASS_NAMES, LABEL_TO_TRAIN_ID, L
                                    CityscapesDataset, check_cityscapes, write_train_ids)
 from tasks.data.maskfolder import MaskFolderDataset, check_maskfolder
 from tasks.data.seg_common import MaskError, collate_segmentation, segmentation_collate
-from tasks.data.seg_transforms import segmentation_eval_transform, segmentation_train_transform
-from tasks.data.synthetic_segmentation import write_cityscapes, write_maskfolder
+from tasks.data.transforms.segmentation import segmentation_eval_transform, segmentation_train_transform
+from tasks.data.synthetic.segmentation import write_cityscapes, write_maskfolder
 
 cs_labels = pytest.importorskip("cityscapesscripts.helpers.labels")
 

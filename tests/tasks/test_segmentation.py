@@ -10,10 +10,10 @@ from torch.nn import functional as F
 
 from tasks.data.cityscapes import CATEGORIES, CLASS_NAMES, TRAIN_TO_LABEL_ID, CityscapesDataset
 from tasks.data.seg_common import collate_segmentation
-from tasks.data.synthetic_segmentation import write_cityscapes
+from tasks.data.synthetic.segmentation import write_cityscapes
 from tasks.segmentation import SegmentationTask, build_segmenter, slide_logits
-from tasks.segmentation_eval import SegmentationEvaluator
-from tasks.segmentation_losses import SegmentationLoss, ohem_cross_entropy, presence_targets
+from tasks.segmentation.evaluate import SegmentationEvaluator
+from tasks.segmentation.losses import SegmentationLoss, ohem_cross_entropy, presence_targets
 
 
 def _one_hot_logits(labels, num_classes):
@@ -135,8 +135,8 @@ def test_predict_files_scored_by_cityscapes_scripts_equal_our_evaluator(cityscap
         np.in1d = np.isin
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
 
-    from tasks.data.seg_transforms import segmentation_eval_transform
-    from tasks.segmentation_predict import predict_paths
+    from tasks.data.transforms.segmentation import segmentation_eval_transform
+    from tasks.segmentation.predict import predict_paths
 
     torch.manual_seed(3)
     task = SegmentationTask(build_segmenter("efficientnet-b0", 19, decoder_channels=(32, 16, 16, 8, 8)),

@@ -13,7 +13,7 @@ DEMO = str(REPO / "configs" / "demo" / "segmentation.yaml")
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    from tasks.data.synthetic_segmentation import write_cityscapes
+    from tasks.data.synthetic.segmentation import write_cityscapes
 
     return write_cityscapes(tmp_path_factory.mktemp("seg") / "city", train_per_city=2, val_per_city=1, size=(64, 128))
 

@@ -12,7 +12,7 @@ import torch
 
 from backbones.weights import save_safetensors
 from tasks.segmentation import build_segmenter
-from tasks.segmentation_smp import register_smp_encoders
+from tasks.segmentation.smp import register_smp_encoders
 
 
 def _randomise_norms(model, seed=1):

@@ -9,14 +9,14 @@ from tasks.data import DataError, build_loaders
 
 
 def _cityscapes(root):
-    from tasks.data.synthetic_segmentation import write_cityscapes
+    from tasks.data.synthetic.segmentation import write_cityscapes
 
     root = write_cityscapes(root, train_per_city=2, val_per_city=1, size=(64, 128))
     return root, sorted((root / "leftImg8bit" / "train").glob("*/*_leftImg8bit.png"))[1], 64
 
 
 def _coco(root):
-    from tasks.data.synthetic_detection import write_coco
+    from tasks.data.synthetic.detection import write_coco
 
     root = write_coco(root, train_images=6, val_images=2, seed=1)
     return root, sorted((root / "train").glob("*.jpg"))[2], 128

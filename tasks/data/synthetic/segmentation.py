@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .synthetic import MARKER
+from tasks.data.synthetic.classification import MARKER
 
 __all__ = ["SCENE_CLASSES", "draw_scene", "write_cityscapes", "write_maskfolder"]
 

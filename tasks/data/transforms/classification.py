@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torchvision.transforms import v2
 
-from tasks.schema import ClassificationAugmentConfig
+from tasks.config.schema import ClassificationAugmentConfig
 
 
 def classification_train_transform(augment: ClassificationAugmentConfig, size: tuple[int, int]) -> v2.Compose:

@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["RandomScale", "PairTransform", "segmentation_train_transform", "segmentation_eval_transform",
+__all__ = ["RandomScale", "PairTransform", "segmentation_train_transform", "segmentation_eval_transform", "eval_transform_for",
            "EVAL_MODES"]
 
 EVAL_MODES = ("full", "resize")
@@ -116,3 +116,13 @@ def segmentation_eval_transform(mode: str = "full", size: Sequence[int] | int | 
     if size is None:
         raise ValueError("eval mode 'resize' needs a size ((h, w) or the short side)")
     return _ImageOnly(list(size) if not isinstance(size, int) else size)
+
+
+def eval_transform_for(cfg):
+    """The eval transform of a segmentation config: ``data.eval.mode: resize`` resizes the image to
+    ``data.image_size``; ``full`` and ``slide`` keep each image at its own size."""
+    from tasks.config import resolve_image_size
+
+    if cfg.data.eval.mode == "resize":
+        return segmentation_eval_transform("resize", resolve_image_size(cfg))
+    return segmentation_eval_transform("full")
