@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from tasks import config as C
+from tasks.config.schema import ClassificationAugmentConfig
 
 IMAGENET = "configs/classification/efficientnet_b0_imagenet.yaml"
 DEMO = "configs/demo/classification.yaml"
@@ -74,7 +75,7 @@ def test_overrides_are_parsed_as_typed_yaml_values():
     assert cfg.model.weights is None
     assert cfg.data.mean == [0.5, 0.5, 0.5] and type(cfg.data.mean) is list
     assert cfg.train.run_name == "a=b" and cfg.train.ema is False
-    assert isinstance(cfg, C.Config) and isinstance(cfg.data.augment, C.AugmentConfig)
+    assert isinstance(cfg, C.Config) and isinstance(cfg.data.augment, ClassificationAugmentConfig)
 
 
 @pytest.mark.parametrize("backbone, native", [("efficientnet-b0", 224), ("efficientnet-b4", 380), ("efficientnet-b7", 600)])
