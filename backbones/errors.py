@@ -17,6 +17,10 @@ class WeightsError(EffdenseError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+class FileWriteError(EffdenseError, OSError):
+    """A file that could not be written (disk full, no permission); the previous file is left as it was."""
+
+
 def preview(items, count: int = 3) -> str:
     items = [str(i) for i in items]
     return ", ".join(items[:count]) + (f", ... ({len(items)} in all)" if len(items) > count else "")

@@ -10,6 +10,8 @@ from typing import BinaryIO, Callable
 
 import torch
 
+from .errors import FileWriteError
+
 TEMP_MARKER = ".tmp-"
 
 
@@ -40,12 +42,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
+        if _is_write_failure(error):  # disk full, no permission, a vanished folder: the user's to fix
+            raise FileWriteError(f"{path}: could not write the file ({_reason(error)}); any earlier {path.name} is "
+                                 f"unchanged; free disk space or check the folder's permissions") from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    """OSError from the file system, or torch's zip writer saying it could not write (its RuntimeError)."""
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("PytorchStreamWriter failed" in text or "file write failed" in text)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).strip().splitlines()[-1].split("] ")[-1].lstrip(". ") if str(error).strip() else type(error).__name__
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],

@@ -1,8 +1,9 @@
-"""Architecture as typed rows: stage tables, scaling rules and the named presets.
+"""Architecture as typed rows: stage tables, the channel/repeat rounding and the named presets.
 
 B0's seven rows are one literal table that reads like the paper (Tan & Le, 2019, Table 1); every
-other V1 size is derived from it by the compound-scaling rules. EfficientNetV2 tables are literal
-(torchvision's), since V2 sizes are not derived from one another.
+other V1 size is derived from it by width/depth multipliers (the published rows' are listed below;
+what a compound coefficient phi means lives in :mod:`backbones.scaling`). EfficientNetV2 tables are
+literal (torchvision's), since V2 sizes are not derived from one another.
 """
 
 from __future__ import annotations
@@ -73,10 +74,6 @@ V2_L_STAGES = (
     _fused(4, 3, 1, 1, 32), _fused(7, 3, 2, 4, 64), _fused(7, 3, 2, 4, 96),
     _mb(10, 3, 2, 4, 192), _mb(19, 3, 1, 6, 224), _mb(25, 3, 2, 6, 384), _mb(7, 3, 1, 6, 640),
 )
-
-# Compound-scaling constants for a free coefficient phi (paper, section 3.3).
-ALPHA_DEPTH, BETA_WIDTH, GAMMA_RESOLUTION = 1.2, 1.1, 1.15
-
 
 def make_divisible(value: float, divisor: int = 8) -> int:
     """Round ``value`` to a multiple of ``divisor``, never more than 10% down (paper/TF rule)."""
@@ -183,26 +180,3 @@ for _name, _w, _d, _r, _p in [
 for _name, _r, _p in [("efficientnetv2-s", 384, 0.2), ("efficientnetv2-m", 480, 0.3), ("efficientnetv2-l", 480, 0.4)]:
     _add(Preset(name=_name, family="v2", width=1.0, depth=1.0, resolution=_r, dropout=_p, **_TF_BN))
 
-
-def compound_preset(phi: float | None = None, width: float | None = None, depth: float | None = None) -> Preset:
-    """The free-coefficient family ``efficientnet``: any real ``phi`` (negative too), or explicit
-    ``width``/``depth`` multipliers. Resolution follows gamma^phi (rounded to a multiple of 8);
-    dropout grows 0.05 per unit of phi from B0's 0.2, kept within [0.1, 0.5]."""
-    if phi is None and width is None and depth is None:
-        raise ValueError("efficientnet: give phi=<float> or width=/depth= multipliers (e.g. phi=2.5)")
-    if phi is not None and (width is not None or depth is not None):
-        raise ValueError("efficientnet: give either phi or width/depth, not both")
-    if phi is not None:
-        phi = float(phi)
-        width, depth = BETA_WIDTH**phi, ALPHA_DEPTH**phi
-        resolution = max(32, int(round(224 * GAMMA_RESOLUTION**phi / 8)) * 8)
-        dropout = min(0.5, max(0.1, round(0.2 + 0.05 * phi, 3)))
-        name = f"efficientnet(phi={phi:g})"
-    else:
-        width = 1.0 if width is None else float(width)
-        depth = 1.0 if depth is None else float(depth)
-        if width <= 0 or depth <= 0:
-            raise ValueError(f"efficientnet: width and depth must be > 0, got width={width}, depth={depth}")
-        resolution, dropout = 224, 0.2
-        name = f"efficientnet(width={width:g}, depth={depth:g})"
-    return Preset(name=name, family="v1", width=width, depth=depth, resolution=resolution, dropout=dropout)

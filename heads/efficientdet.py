@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 from torch import nn
 
 from backbones.blocks import ACTIVATIONS
+from backbones.scaling import (ALPHA_DEPTH, BETA_WIDTH, BIFPN_WIDTH_GROWTH, LAST_NAMED, check_rule, geometric, linear,
+                               named_phi, round_half_up)
 from backbones.specs import make_divisible
 
 from .bifpn import BiFPN, SeparableConv2d, init_bifpn
@@ -143,9 +145,11 @@ class EfficientDetPreset:
     anchor_scale: float
     levels: tuple[int, ...]
     fusion: str
-    backbone_phi: float | None = None
+    backbone_phi: float | None = None  # with backbone="efficientnet": backbones.create(..., phi=backbone_phi)
     drop_path: float = 0.2  # backbone stochastic depth (automl's and effdet's default)
-    backbone_options: tuple[tuple[str, float], ...] = ()  # e.g. (("width", 1.15), ("depth", 1.3)) for "efficientnet"
+    # More backbones.create options for "efficientnet": the width/depth multipliers of a rule="paper" row
+    # (whose closed-form backbone is not what phi= gives under the default rule); empty otherwise.
+    backbone_options: tuple[tuple[str, float], ...] = ()
 
 
 def _row(index: str, backbone: int, size: int, width: int, repeats: int, depth: int, anchor_scale: float = 4.0,
@@ -168,19 +172,32 @@ PRESETS: dict[str, EfficientDetPreset] = {p.name: p for p in (
 )}
 
 # The paper's scaling rule for a free phi (section 4.2, eqs. 1-3).
-WIDTH_BASE, WIDTH_GROWTH = 64, 1.35
+WIDTH_BASE, WIDTH_GROWTH = 64, BIFPN_WIDTH_GROWTH
 MIN_FREE_PHI = -2.0
 
 
-def efficientdet_preset(phi: int | float | str) -> EfficientDetPreset:
-    """The row for ``phi``: 0..7 or ``"7x"`` (also ``"d3"``, ``"efficientdet-d3"``) give the published
-    table; any other real ``phi`` (>= -2) follows the paper's rule with an ``efficientnet(phi)`` backbone:
-    W = 64 * 1.35^phi rounded to a multiple of 8 (never more than 10% down), D_bifpn = 3 + phi and
-    R = 512 + 128 * phi rounded to the nearest integer / multiple of 128, D_head = 3 + floor(phi / 3).
+def efficientdet_preset(phi: int | float | str, rule: str = "table") -> EfficientDetPreset:
+    """The EfficientDet row at ``phi`` (>= -2): 0..7 or ``"7x"`` (also ``"d3"``, ``"efficientdet-d3"``)
+    give the published table under either rule; ``rule`` says what any other phi means.
 
-    An integral phi is the table row, not the rule: the released widths are hand-rounded (D2 has 112
-    channels where the rule gives 120, D4 224 for 216) and D5+ deviate in depth and resolution.
+    ``rule="table"`` (default; :mod:`backbones.scaling`, the same rule as ``backbones.get_preset``):
+
+    * between rows N and N+1 (fraction f), BiFPN width and input size are geometric between the rows'
+      (width to a multiple of 8, never more than 10% down; input to the nearest multiple of 128), BiFPN
+      repeats and head depth linear, rounded half up; the backbone is ``efficientnet`` at the phi
+      interpolated between the rows' backbone indices (D6 and D7 both use B6, so 6 < phi < 7 keeps B6);
+      anchor scale, levels and fusion are the nearer row's (the upper one from f = 0.5);
+    * above 7, D7 grown per unit of phi past 7 by the paper's rule: width x1.35, input +128, repeats +1,
+      head depth +1/3 (the same rounding), on D7's backbone (B6), anchor scale, levels and fusion;
+    * below 0, the paper's rule (D0 is the rule at 0).
+
+    ``rule="paper"``: the paper's rule at every phi off the table: W = 64 * 1.35^phi to a multiple of 8,
+    D_bifpn = 3 + phi and R = 512 + 128 * phi rounded half up (R to a multiple of 128), D_head = 3 +
+    floor(phi / 3), on the closed-form ``efficientnet`` backbone. An integral phi is still the table row:
+    the released widths are hand-rounded (D2 has 112 channels where the rule gives 120, D4 224 for 216)
+    and D5+ deviate in depth and resolution.
     """
+    check_rule(rule)
     if isinstance(phi, str):
         key = phi.strip().lower().removeprefix("efficientdet-").removeprefix("efficientdet_").removeprefix("d")
         if f"efficientdet-d{key}" in PRESETS:
@@ -193,16 +210,67 @@ def efficientdet_preset(phi: int | float | str) -> EfficientDetPreset:
     phi = float(phi)
     if not math.isfinite(phi) or phi < MIN_FREE_PHI:
         raise ValueError(f"EfficientDet phi={phi} must be a finite number >= {MIN_FREE_PHI:g}")
-    if phi.is_integer() and 0 <= phi <= 7:
-        return PRESETS[f"efficientdet-d{int(phi)}"]
-    round_half_up = lambda value: int(math.floor(value + 0.5))  # noqa: E731
+    named = named_phi(phi)
+    if named is not None:
+        return PRESETS[f"efficientdet-d{named}"]
+    if phi < 0 or rule == "paper":
+        return _paper_row(phi)
+    if phi > LAST_NAMED:
+        return _grown_row(phi)
+    return _interpolated_row(phi)
+
+
+def _paper_row(phi: float) -> EfficientDetPreset:
+    """The paper's closed form at ``phi``. Below 0 the backbone is ``efficientnet`` with ``backbone_phi``
+    (the default rule is the closed form there); above, the closed form's width/depth multipliers name it."""
+    if phi < 0:
+        backbone = {"backbone_phi": phi}
+    else:
+        backbone = {"backbone_options": (("depth", ALPHA_DEPTH**phi), ("width", BETA_WIDTH**phi))}
     return EfficientDetPreset(
-        name=f"efficientdet(phi={phi:g})", backbone="efficientnet", backbone_phi=phi,
+        name=f"efficientdet(phi={phi:g})", backbone="efficientnet", **backbone,
         input_size=128 * max(1, round_half_up(4 + phi)),
         width=make_divisible(WIDTH_BASE * WIDTH_GROWTH**phi, 8),
         repeats=max(1, round_half_up(3 + phi)),
         head_depth=max(1, 3 + math.floor(phi / 3)),
         anchor_scale=4.0, levels=tuple(range(3, 8)), fusion="fast" if phi < 6 else "sum")
+
+
+def _backbone_index(row: EfficientDetPreset) -> int:
+    return int(row.backbone.rsplit("-b", 1)[1])
+
+
+def _sized(row: EfficientDetPreset, phi: float, backbone_phi: float, input_size: float, width: float,
+           repeats: float, head_depth: float) -> EfficientDetPreset:
+    """``row`` (anchor scale, levels, fusion) with the sizes at ``phi``, each rounded as the table is."""
+    named = named_phi(backbone_phi)
+    if named is not None:
+        backbone = {"backbone": f"efficientnet-b{named}", "backbone_phi": None}
+    else:
+        backbone = {"backbone": "efficientnet", "backbone_phi": backbone_phi}
+    return replace(row, name=f"efficientdet(phi={phi:g})", **backbone, backbone_options=(),
+                   input_size=128 * max(1, round_half_up(input_size / 128)), width=make_divisible(width, 8),
+                   repeats=max(1, round_half_up(repeats)), head_depth=max(1, round_half_up(head_depth)))
+
+
+def _interpolated_row(phi: float) -> EfficientDetPreset:
+    """Between the published rows floor(phi) and floor(phi) + 1 (0 < phi < 7, not an integer)."""
+    index = math.floor(phi)
+    low, high, fraction = PRESETS[f"efficientdet-d{index}"], PRESETS[f"efficientdet-d{index + 1}"], phi - index
+    return _sized(low if fraction < 0.5 else high, phi,
+                  backbone_phi=linear(_backbone_index(low), _backbone_index(high), fraction),
+                  input_size=geometric(low.input_size, high.input_size, fraction),
+                  width=geometric(low.width, high.width, fraction),
+                  repeats=linear(low.repeats, high.repeats, fraction),
+                  head_depth=linear(low.head_depth, high.head_depth, fraction))
+
+
+def _grown_row(phi: float) -> EfficientDetPreset:
+    """D7 grown by the paper's per-unit factors for phi - 7 (phi > 7)."""
+    top, extra = PRESETS[f"efficientdet-d{LAST_NAMED}"], phi - LAST_NAMED
+    return _sized(top, phi, backbone_phi=_backbone_index(top), input_size=top.input_size + 128 * extra,
+                  width=top.width * WIDTH_GROWTH**extra, repeats=top.repeats + extra,
+                  head_depth=top.head_depth + extra / 3)
 
 
 def list_presets() -> list[str]:

@@ -20,16 +20,10 @@ __all__ = ["named_scale", "backbone_spec", "backbone_at", "backbone_at_model", "
            "detector_row", "decoder_widths", "bifpn_size", "resolve_image_size", "describe_backbone", "random_images", "LAST_NAMED",
            "ScaleFamily", "IMAGENET_TOP1", "B_SCALES"]
 
-LAST_NAMED = 7
+from backbones.scaling import BETA_WIDTH, LAST_NAMED
+from backbones.scaling import named_phi as named_scale  # the published row an integral phi in 0..7 names
+
 NAMED_PHIS = range(0, LAST_NAMED + 1)  # the published scales B0..B7 / D0..D7
-BETA_WIDTH = 1.1  # width growth per unit of phi (Tan & Le 2019, section 3.3)
-
-
-def named_scale(phi: float | None) -> int | None:
-    """The published scale an integral ``phi`` in 0..7 names (the tables, not the rules), else None."""
-    if phi is not None and float(phi).is_integer() and int(phi) in NAMED_PHIS:
-        return int(phi)
-    return None
 
 
 def backbone_spec(model) -> tuple[str, dict]:
@@ -91,12 +85,13 @@ def detector_row(model_cfg):
     return detector_at(detection_scale(model_cfg))
 
 
-def decoder_widths(channels: list[int], model_cfg) -> list[int]:
-    """The U-Net decoder widths: as configured at every named scale, and so between them too (the table is
-    constant); beyond B7 (or below B0) they grow by the width rule, 1.1^(phi - 7) (1.1^phi), multiples of 8."""
+def decoder_widths(channels, phi: float | None) -> list[int]:
+    """The U-Net decoder widths at ``phi``: as given at every named scale, and so between them too (the table
+    is constant); beyond B7 (or below B0) they grow by the width rule, 1.1^(phi - 7) (1.1^phi), multiples of 8.
+    ``build_segmenter`` applies it to an ``efficientnet`` backbone with a ``phi``, so the config and the
+    Python API build the same decoder."""
     from backbones.specs import make_divisible
 
-    phi = model_cfg.phi
     if phi is None or 0 <= float(phi) <= LAST_NAMED:
         return list(channels)
     extra = float(phi) - LAST_NAMED if phi > LAST_NAMED else float(phi)

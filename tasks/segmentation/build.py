@@ -94,7 +94,8 @@ def build_segmenter(backbone: str = "efficientnet-b0", num_classes: int = 19, we
     options = smp_interop.apply_flavour(flavour, backbone, backbone_options)
     net = backbones.create(backbone, out_indices=tuple(range(encoder_depth)), **options)
     smp_interop.finish_flavour(flavour, net)
-    decoder = UNetDecoder.for_backbone(net, decoder_channels=list(decoder_channels)[:encoder_depth],
+    widths = decoder_widths(decoder_channels, backbone_options.get("phi") if backbone == "efficientnet" else None)
+    decoder = UNetDecoder.for_backbone(net, decoder_channels=widths[:encoder_depth],
                                        attention=attention, norm=decoder_norm, upsampling=upsampling)
     head = SegmentationHead(decoder.out_channels, num_classes)
     return assemble(net, decoder, head, aux_classes, aux_pooling, aux_dropout, backbone_weights, state, label,
@@ -192,7 +193,7 @@ def build_model(cfg) -> SegmentationTask:
         options["padding"] = m.padding
     if head.s2_tap is not None:
         options["s2_tap"] = head.s2_tap
-    net = build_segmenter(name, m.num_classes, weights=m.weights, decoder_channels=decoder_widths(head.decoder_channels, m),
+    net = build_segmenter(name, m.num_classes, weights=m.weights, decoder_channels=head.decoder_channels,
                           attention=head.attention, decoder_norm=head.norm, upsampling=head.upsampling,
                           aux_classes=m.num_classes if head.aux_head else None, aux_dropout=head.aux_dropout,
                           flavour=head.flavour, backbone_weights=None if m.weights else m.backbone_weights, drop_path=m.drop_path,

@@ -34,7 +34,7 @@ def describe_scale(cfg) -> dict:
         info.update(bifpn_width=width, bifpn_repeats=repeats,
                     bifpn_levels=list(head.bifpn_levels or levels_for_crop(resolve_image_size(cfg))))
     else:
-        info["decoder_channels"] = decoder_widths(head.decoder_channels, m)
+        info["decoder_channels"] = decoder_widths(head.decoder_channels, backbone_spec(m)[1].get("phi"))
     return info
 
 

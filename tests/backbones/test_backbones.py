@@ -104,15 +104,26 @@ def test_make_divisible_rule_by_hand():
 
 
 def test_free_phi_follows_compound_rule():
+    # By default (rule="table") an integral phi in 0..7 is the named preset, B5+'s TF BatchNorm included.
     assert backbones.create("efficientnet", phi=0).state_dict().keys() == backbones.create("efficientnet-b0").state_dict().keys()
     phi0 = build_classifier("efficientnet", phi=0.0)
     assert _n_params(phi0) == PARAMS["efficientnet-b0"]
-    preset = backbones.get_preset("efficientnet", phi=2.5)
+    for k in range(8):
+        assert backbones.get_preset("efficientnet", phi=k) == backbones.get_preset(f"efficientnet-b{k}")
+    assert backbones.create("efficientnet", phi=6).stem.bn.eps == 1e-3
+    with torch.device("meta"):
+        assert _n_params(build_classifier("efficientnet", phi=3)) == PARAMS["efficientnet-b3"]
+    # rule="paper": the closed form at every phi.
+    preset = backbones.get_preset("efficientnet", phi=2.5, rule="paper")
     assert preset.width == pytest.approx(1.1**2.5) and preset.depth == pytest.approx(1.2**2.5)
     assert preset.resolution == round(224 * 1.15**2.5 / 8) * 8
     arch = preset.arch()
     assert [s.repeats for s in arch.stages] == [math.ceil(r * 1.2**2.5) for r in (1, 2, 2, 3, 3, 4, 1)]
-    # Negative phi shrinks but never below one block per stage or 8 channels.
+    assert backbones.create("efficientnet", phi=2.5, rule="paper").arch.stages == arch.stages
+    assert backbones.get_preset("efficientnet", phi=3, rule="paper").width == pytest.approx(1.1**3)  # not B3's 1.2
+    with pytest.raises(ValueError, match="'table', 'paper'"):
+        backbones.get_preset("efficientnet", phi=2.5, rule="interpolate")
+    # Negative phi (the closed form under either rule) shrinks but never below one block per stage or 8 channels.
     small = backbones.get_preset("efficientnet", phi=-6).arch()
     assert min(s.repeats for s in small.stages) == 1 and min(s.out_channels for s in small.stages) >= 8
     explicit = backbones.get_preset("efficientnet", width=1.2, depth=1.4).arch()

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+import backbones
 from heads.efficientdet import PRESETS, efficientdet_preset
 from tasks.detection import build_detector
-from tasks.detection_weights import load_detector_weights
+from tasks.detection.weights import load_detector_weights
 
 NAMES = ["0", "1", "2", "3", "4", "5", "6", "7", "7x"]
 # effdet's tf_efficientdet_d* with 90 classes (google/automl's golden counts agree for D0/D1).
@@ -61,16 +62,37 @@ def test_preset_table_and_names():
 
 @pytest.mark.parametrize("phi", [2.5, 0.5, -1.0, 8.0])
 def test_free_phi_follows_the_paper_rule(phi):
-    preset = efficientdet_preset(phi)
+    preset = efficientdet_preset(phi, rule="paper")
     width = 64 * 1.35**phi
     assert preset.width % 8 == 0 and abs(preset.width - width) <= 4 and preset.width >= 0.9 * width
     assert preset.repeats == math.floor(3 + phi + 0.5)
     assert preset.head_depth == 3 + math.floor(phi / 3)
     assert preset.input_size == 128 * math.floor(4 + phi + 0.5)
-    assert preset.backbone == "efficientnet" and preset.backbone_phi == phi
+    assert preset.backbone == "efficientnet"
+    # The closed-form backbone, efficientnet(phi) under rule="paper": below 0 the default rule is the closed form
+    # too, so backbone_phi names it; above 0 its width/depth multipliers do (phi= would give the table's backbone).
+    paper_backbone = backbones.get_preset("efficientnet", phi=phi, rule="paper").arch()
+    named = backbones.get_preset("efficientnet", phi=preset.backbone_phi, **dict(preset.backbone_options)).arch()
+    assert (named.stem_channels, named.stages, named.head_channels) == \
+        (paper_backbone.stem_channels, paper_backbone.stages, paper_backbone.head_channels)
+    # build_detector("efficientdet", phi=...) follows the default rule="table" (which differs from the paper's
+    # above 0), so the paper's row is built from the preset itself.
     with torch.device("meta"):
-        model = build_detector("efficientdet", 10, phi=phi)
+        model = build_detector(num_classes=10, preset=preset)
     assert model.fpn.width == preset.width and len(model.fpn.cells) == preset.repeats
+    assert len(model.class_net.convs) == preset.head_depth
+    assert model.backbone.arch.stages == paper_backbone.stages
+
+
+def test_build_detector_phi_follows_the_default_rule():
+    with torch.device("meta"):
+        model = build_detector("efficientdet", 10, phi=2.5)
+    # phi 2.5 = between D2 and D3: 768 px, 136 channels (sqrt(112 * 160) = 133.9), 6 cells, 4 head convs.
+    assert (model.fpn.width, len(model.fpn.cells), len(model.class_net.convs)) == (136, 6, 4)
+    assert model.backbone.name == "efficientnet(phi=2.5)"
+
+    with pytest.raises(ValueError, match="'table', 'paper'"):
+        efficientdet_preset(2.5, rule="closed")
 
 
 def test_class_bias_prior_and_shared_convs():

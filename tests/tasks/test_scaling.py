@@ -34,11 +34,11 @@ def test_an_integral_phi_is_the_released_detector(phi):
     size, width, repeats, depth = RELEASED[phi]
     assert (info["input_size"], info["bifpn_width"], info["bifpn_repeats"], info["head_depth"]) == ([size, size], width,
                                                                                                       repeats, depth)
-    # The code's free-phi rule (heads.efficientdet_preset off the integers) just above phi equals the paper's
-    # rule by hand, and agrees with the released row except at the DEVIATIONS the note lists.
+    # The paper's closed form (kept behind rule="paper") just above phi equals the paper's rule by hand, and
+    # agrees with the released row except at the DEVIATIONS the note lists.
     from heads import efficientdet_preset
 
-    free = efficientdet_preset(phi + 1e-9)
+    free = efficientdet_preset(phi + 1e-9, rule="paper")
     rule = {"input": free.input_size, "width": free.width, "repeats": free.repeats, "head_depth": free.head_depth}
     assert rule == paper_rule(phi)
     for field, value in (("input", size), ("width", width), ("repeats", repeats), ("head_depth", depth)):
@@ -53,7 +53,12 @@ def test_a_fractional_phi_interpolates_between_the_neighbouring_rows():
     assert info["input_size"] == [768, 768]  # sqrt(768 * 896) = 829.5, to the nearest multiple of 128
     assert info["bifpn_width"] == 136 and 112 < info["bifpn_width"] < 160  # sqrt(112 * 160) = 133.9 -> 136
     assert info["bifpn_repeats"] == 6 and info["head_depth"] == 4  # 5.5 and 3.5, rounded half up
-    assert info["backbone"] == "efficientnet(width=1.1489, depth=1.2961)"  # sqrt(1.1 * 1.2), sqrt(1.2 * 1.4)
+    assert info["backbone"] == "efficientnet(phi=2.5)"  # the backbone between B2 and B3:
+    import backbones
+
+    preset = backbones.get_preset("efficientnet", phi=2.5)
+    assert (preset.width, preset.depth) == (pytest.approx((1.1 * 1.2) ** 0.5, abs=1e-4),
+                                            pytest.approx((1.2 * 1.4) ** 0.5, abs=1e-4))
 
 
 def test_classification_phi_named_and_free():
@@ -79,7 +84,7 @@ def test_the_knob_is_monotone_across_the_named_scales():
     phis = [k / 20 for k in range(0, 161)]
     found = [backbone_at(phi) for phi in phis]
     for key in ("width", "depth"):
-        values = [options.get(key) or getattr(backbones.get_preset(name), key) for name, options, _, _ in found]
+        values = [getattr(backbones.get_preset(name, **options), key) for name, options, _, _ in found]
         assert all(a <= b + 1e-9 for a, b in zip(values, values[1:])), key
     resolutions = [resolution for _, _, resolution, _ in found]
     assert all(a <= b for a, b in zip(resolutions, resolutions[1:]))
@@ -119,3 +124,48 @@ def test_every_task_builds_at_a_fractional_phi_between_its_neighbours(task, head
 
     params = [describe_task(task, phi=phi, head=head, size=(128, 256))["params_m"] for phi in (2.0, 2.5, 3.0)]
     assert params[0] < params[1] < params[2], params
+
+
+PHIS = (0.5, 1.5, 2.5, 3.9, 7.5)
+
+
+@pytest.mark.parametrize("phi", PHIS)
+def test_the_python_api_and_the_config_build_the_same_model(phi):
+    """One meaning of phi: backbones.create / build_classifier / build_segmenter / build_detector with phi=...
+    build the same network as the config's model.phi, for every task (compared on the meta device: the same
+    parameter names and shapes, and the same input size)."""
+    import torch
+
+    from tasks import registry
+    from tasks.classification import build_classifier
+    from tasks.config.scaling import resolve_image_size
+    from tasks.detection import build_detector
+    from tasks.segmentation import build_segmenter
+
+    def shapes(model):
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    with torch.device("meta"):
+        for preset, api in ((CLS, lambda: build_classifier("efficientnet", 1000, phi=phi)),
+                            (SEG, lambda: build_segmenter("efficientnet", 19, phi=phi)),
+                            (DET, lambda: build_detector("efficientdet", 80, phi=phi))):
+            cfg = C.load(preset, [f"model.phi={phi}", "model.backbone_weights=null", "data.image_size=null"]
+                         if preset != SEG else [f"model.phi={phi}", "model.backbone_weights=null"])
+            if preset == DET:
+                cfg.model.num_classes = 80
+            ours = registry.get(cfg.model.task).build_model(cfg).net
+            assert shapes(api()) == shapes(ours), (preset, phi)
+            if preset == DET:
+                assert api().input_size == resolve_image_size(cfg)[0]
+            elif preset == CLS:
+                import backbones
+
+                assert backbones.get_preset("efficientnet", phi=phi).resolution == resolve_image_size(cfg)[0]
+
+
+def test_sizes_grow_monotonically_with_phi_for_every_task():
+    from tasks.summary import describe_task
+
+    for task in ("classification", "segmentation", "detection"):
+        params = [describe_task(task, phi=phi, size=(128, 256))["params_m"] for phi in (0, *PHIS, 8)]
+        assert all(a < b for a, b in zip(params, params[1:])), (task, params)
