@@ -35,6 +35,11 @@ def cmd_train(args) -> int:
     from tasks.engine.distributed import cleanup
 
     cfg = _load_config(args)
+    if args.resume and args.output and Path(args.output).resolve() != Path(args.resume).resolve().parent:
+        from tasks.config import ConfigError
+
+        raise ConfigError(f"--resume {args.resume} continues in the checkpoint's own directory "
+                          f"{Path(args.resume).resolve().parent}, not --output {args.output}; drop --output")
     if args.output:
         cfg.train.output_dir = str(Path(args.output).parent)
         cfg.train.run_name = Path(args.output).name
@@ -45,6 +50,7 @@ def cmd_train(args) -> int:
         if cfg.train.batch_size == "auto":
             run_files["batch_size.json"] = _auto_batch_size(cfg)
         loaders = build_loaders(cfg)  # under torchrun this joins the process group first
+        _check_labels(cfg)
         scale = registry.describe_scale(cfg)  # what model.phi / model.scale resolves to
         run_files["scale.json"] = scale
         trainer = Trainer(registry.build_model(cfg), loaders, cfg, run_files=run_files)
@@ -69,6 +75,16 @@ def cmd_train(args) -> int:
         cleanup()
 
 
+def _check_labels(cfg) -> None:
+    """``data.check``: both splits' labels before the first step, so a bad val file fails now, not epochs in."""
+    from tasks.data import DataError, check_labels
+
+    problems = check_labels(cfg, cfg.data.check)
+    if problems:
+        more = f" (and {len(problems) - 1} more: `effdense data check` lists them)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; data.check={cfg.data.check} (off skips this check)")
+
+
 def _auto_batch_size(cfg) -> dict:
     """``train.batch_size=auto``: rank 0 probes the largest batch that fits its GPU (the others take it);
     sets ``data.batch_size`` (the lr follows by the linear rule) and returns what was found, for the run."""
@@ -84,49 +100,11 @@ def _auto_batch_size(cfg) -> dict:
     return {"batch_size": cfg.data.batch_size, "lr": scaled_lr(cfg), "message": message}
 
 
-def load_task_weights(task_model, path: str, task: str | None = None) -> dict:
-    """Load a weights file into a task module's network and return the metadata stored with it.
-
-    One rule for every command: an effdense checkpoint gives its EMA weights when it holds them
-    (``backbones.weights``); ``model.safetensors`` and torchvision/timm/... files load as they are.
-    With ``task`` (the config's ``model.task``), weights that say they belong to another task are
-    refused before anything loads (not as a list of missing keys).
-    """
-    from backbones.weights import load_weights
-
-    from tasks.config import ConfigError
-    from tasks.engine.checkpoint import weights_meta
-
-    meta = weights_meta(path)
-    stored = meta.get("task")
-    if task and stored and stored != task:
-        raise ConfigError(f"{path} holds {stored} weights but the config is for model.task={task}; "
-                          f"use a {stored} config")
-    if hasattr(task_model, "load_weights"):  # the task's own rules (smp U-Nets, effdet detectors)
-        task_model.load_weights(path)
-    else:
-        load_weights(task_model.net, path)
-    for key, value in meta.items():  # class_names, and what the task stored (detection's cat_ids)
-        if key != "task" and hasattr(task_model, key):
-            setattr(task_model, key, value)
-    return meta
-
-
-def build_with_weights(cfg, path: str):
-    """``cfg``'s task module with a whole-model weights file loaded (``load_task_weights``). The file replaces
-    everything, so the config's ``model.weights`` and ``model.backbone_weights`` are not read (nor fetched)."""
-    from tasks import registry
-
-    cfg.model.weights = cfg.model.backbone_weights = None
-    model = registry.build_model(cfg)
-    load_task_weights(model, path, cfg.model.task)
-    return model
-
-
 def cmd_eval(args) -> int:
     from tasks.data import build_loaders
     from tasks.engine import evaluate
     from tasks.engine.distributed import cleanup, setup_process
+    from tasks.registry import build_with_weights
 
     cfg = _load_config(args)
     try:
@@ -163,7 +141,7 @@ def cmd_predict(args) -> int:
     from tasks.engine.distributed import pick_device
 
     cfg = _load_config(args)
-    model = build_with_weights(cfg, args.weights)
+    model = registry.build_with_weights(cfg, args.weights)
     from backbones.fusion import fuse_for_inference
 
     model = fuse_for_inference(model.to(pick_device(cfg.train.device)).eval())  # BatchNorm folded: same outputs
@@ -171,36 +149,6 @@ def cmd_predict(args) -> int:
         registry.get(cfg.model.task).predict(cfg, model, args.images, out=args.out, topk=args.topk,
                                             score_threshold=args.score_threshold)
     return 0
-
-
-def cmd_data(args) -> int:
-    from tasks.data import FORMATS, check_dataset
-    from tasks.data.formats import formats_for
-
-    if args.data_command == "cityscapes-trainids":
-        from tasks.data.cityscapes import write_train_ids
-
-        written = write_train_ids(args.root, overwrite=args.overwrite)
-        print(f"wrote {written} *_gtFine_labelTrainIds.png files under {Path(args.root) / 'gtFine'}")
-        return 0
-    if args.data_command == "synth":
-        formats = formats_for(args.task)
-        name = args.format or formats[0]
-        if name not in formats:
-            from tasks.config import ConfigError
-
-            raise ConfigError(f"--format {name!r} does not hold {args.task} data; formats for {args.task}: "
-                              f"{', '.join(formats)}")
-        options = {key: getattr(args, key) for key in ("classes", "train_per_class", "val_per_class", "size")
-                   if getattr(args, key) is not None}
-        root = FORMATS[name].synth(args.dir, seed=args.seed, **options)
-        print(f"wrote a synthetic {args.task} dataset ({name}: {FORMATS[name].layout}) to {root}")
-        return 0
-    problems = check_dataset(_load_config(args), progress=True)
-    for line in problems:
-        print(line)
-    print(f"{len(problems)} problem(s) found" if problems else "no problems found")
-    return 1 if problems else 0
 
 
 def cmd_weights(args) -> int:
@@ -260,6 +208,7 @@ def cmd_export(args) -> int:
 
     from tasks.config import resolve_image_size
     from tasks.export import export
+    from tasks.registry import build_with_weights
 
     cfg = _load_config(args)
     model = build_with_weights(cfg, args.weights)
@@ -287,10 +236,12 @@ def cmd_configs(args) -> int:
 def cmd_demo(args) -> int:
     from tasks.demo import run_demo
 
-    return run_demo(args.task, args.output, args.set or [])
+    return run_demo(args.task, args.output, args.set or [], overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tasks.data_command import cmd_data
+
     parser = argparse.ArgumentParser(prog="effdense", description="Dense prediction on scalable EfficientNet backbones.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -414,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthesize data, train on CPU for ~2 minutes, evaluate",
                        description="Write a synthetic dataset, train a small model for the task on it, evaluate it.")
     p.add_argument("task", nargs="?", default="classification", choices=list(TASKS), help="which task's demo")
-    p.add_argument("--output", help="run directory (default: the demo config's, runs/demo-<task>)")
+    p.add_argument("--output", help="run directory (default: the demo config's, runs/demo-<task>, reused each time)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run that --output already holds")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the demo config")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -431,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves and stops by itself): one line, exit 130
+        print(f"effdense: {args.command} interrupted (Ctrl-C); nothing more was written", file=sys.stderr)
+        return 130
     except EffdenseError as error:
         # User-caused problems (config, data, weights, run directory): one line; anything else is a bug
         # and keeps its traceback.

@@ -7,15 +7,21 @@ format and root (written here by the format's synthetic writer), the model and t
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
 
-def run_demo(task: str = "classification", output: str | None = None, overrides: list[str] = ()) -> int:
+def run_demo(task: str = "classification", output: str | None = None, overrides: list[str] = (),
+             overwrite: bool = False) -> int:
+    """Train and evaluate ``task``'s demo. Its default run directory (the preset's) is the demo's own and is
+    reused each time; an ``output`` directory that holds a run is refused unless ``overwrite``, as train does."""
+    import sys
+
     from tasks import registry
     from tasks.config import load
     from tasks.data import FORMATS, build_loaders
-    from tasks.engine import Trainer
+    from tasks.engine import Trainer, TrainingInterrupted
 
     cfg = load(registry.get(task).demo_preset, list(overrides))
     root = FORMATS[cfg.data.format].synth(cfg.data.root)
@@ -23,12 +29,18 @@ def run_demo(task: str = "classification", output: str | None = None, overrides:
     if output:
         out = Path(output)
         cfg.train.output_dir, cfg.train.run_name = str(out.parent), out.name
-    cfg.train.overwrite = True  # the demo is meant to be run again and again
+    cfg.train.overwrite = overwrite or not output  # the demo's own directory is meant to be run again and again
     scale = registry.describe_scale(cfg)
     print("scale: " + ", ".join(f"{k}={v}" for k, v in scale.items() if v is not None))
     trainer = Trainer(registry.build_model(cfg), build_loaders(cfg), cfg, run_files={"scale.json": scale})
     start = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingInterrupted as stop:  # the demo has no --resume; its saved run continues through train
+        print(f"effdense: demo stopped by {signal.Signals(stop.signum).name} at epoch {stop.epoch + 1}; continue it "
+              f"with `effdense train {trainer.run_dir / 'config.yaml'} --resume {stop.checkpoint}`, or run the demo "
+              f"again to start over", file=sys.stderr)
+        return stop.exit_code
     minutes = (time.perf_counter() - start) / 60
     metrics = trainer.evaluate()
     name = getattr(trainer.model.net, "name", None) or getattr(trainer.model.net.backbone, "name", cfg.model.backbone)

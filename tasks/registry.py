@@ -14,17 +14,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tasks.config import ConfigError
 from tasks.config.scaling import ScaleFamily
 from tasks.config.schema import ClassificationConfig, Config, DetectionConfig, SegmentationConfig
 from tasks.data.formats import formats_for
-from tasks.engine.checkpoint import seed_everything
+from tasks.engine.checkpoint import seed_everything, weights_meta
 
 from . import classification, detection, segmentation
 from .classification import scale as classification_scale
 from .detection import scale as detection_scale
 from .segmentation import scale as segmentation_scale
 
-__all__ = ["Task", "TASKS", "get", "build_model", "describe_scale"]
+__all__ = ["Task", "TASKS", "get", "build_model", "describe_scale", "load_task_weights", "build_with_weights"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,37 @@ def build_model(cfg) -> nn.Module:
 def describe_scale(cfg) -> dict:
     """What ``cfg``'s phi / scale resolves to (printed at the start of a run and saved as ``scale.json``)."""
     return get(cfg.model.task).describe_scale(cfg)
+
+
+def load_task_weights(task_model, path: str, task: str | None = None) -> dict:
+    """Load a weights file into a task module's network and return the metadata stored with it.
+
+    One rule for every command: an effdense checkpoint gives its EMA weights when it holds them
+    (``backbones.weights``); ``model.safetensors`` and torchvision/timm/... files load as they are.
+    With ``task`` (the config's ``model.task``), weights that say they belong to another task are
+    refused before anything loads (not as a list of missing keys).
+    """
+    from backbones.weights import load_weights
+
+    meta = weights_meta(path)
+    stored = meta.get("task")
+    if task and stored and stored != task:
+        raise ConfigError(f"{path} holds {stored} weights but the config is for model.task={task}; "
+                          f"use a {stored} config")
+    if hasattr(task_model, "load_weights"):  # the task's own rules (smp U-Nets, effdet detectors)
+        task_model.load_weights(path)
+    else:
+        load_weights(task_model.net, path)
+    for key, value in meta.items():  # class_names, and what the task stored (detection's cat_ids)
+        if key != "task" and hasattr(task_model, key):
+            setattr(task_model, key, value)
+    return meta
+
+
+def build_with_weights(cfg, path: str):
+    """``cfg``'s task module with a whole-model weights file loaded (``load_task_weights``). The file replaces
+    everything, so the config's ``model.weights`` and ``model.backbone_weights`` are not read (nor fetched)."""
+    cfg.model.weights = cfg.model.backbone_weights = None
+    model = build_model(cfg)
+    load_task_weights(model, path, cfg.model.task)
+    return model

@@ -18,7 +18,8 @@ TASK_PACKAGES = ("tasks.classification", "tasks.segmentation", "tasks.detection"
 # (prefix, rank); the longest matching prefix decides a module's layer
 LAYERS = [("backbones", 0), ("heads", 1), ("tasks.config", 2), ("tasks.engine", 3), ("tasks.data", 4),
           *((package, 5) for package in TASK_PACKAGES), ("tasks.registry", 6), ("tasks.cli", 7), ("tasks.demo", 7),
-          ("tasks.export", 7), ("tasks.budget", 7), ("tasks.summary", 7), ("tasks.detection_postprocess", 7),
+          ("tasks.export", 7), ("tasks.budget", 7), ("tasks.summary", 7), ("tasks.data_command", 7),
+          ("tasks.detection_postprocess", 7),
           ("tools", 8)]
 TOP = 7  # the command layer: its modules may import one another
 

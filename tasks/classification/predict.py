@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
@@ -29,7 +28,9 @@ def class_names_of(model) -> list[str]:
 @torch.no_grad()
 def predict(cfg, model, paths: list[str], out: str | None = None, topk: int = 5,
             **_options) -> list[dict]:
-    """Top-k labels of each image (printed); ``out``: also ``<out>/predictions.json``."""
+    """Top-k labels of each image (printed); ``out``: also ``<out>/predictions.json`` -- or
+    ``predictions-1.json``, ``-2``... when that name is taken (an existing file is never overwritten;
+    the printed line names the file written)."""
     from tasks.config import resolve_image_size
     from tasks.data.images import read_rgb
     from tasks.data.transforms.classification import classification_eval_transform
@@ -48,8 +49,9 @@ def predict(cfg, model, paths: list[str], out: str | None = None, topk: int = 5,
         results.append({"image": str(path), "top": labels})
         print(f"{path}: " + ", ".join(f"{item['label']} {item['prob']:.3f}" for item in labels))
     if out:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "predictions.json").write_text(json.dumps(results, indent=1))
-        print(f"wrote {folder / 'predictions.json'}")
+        from tasks.data.outputs import output_folder, unique_path, write_new
+
+        json_path = unique_path(output_folder(out) / "predictions.json")
+        write_new(json_path, json.dumps(results, indent=1).encode())
+        print(f"wrote {json_path}")
     return results

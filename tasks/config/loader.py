@@ -23,7 +23,7 @@ from backbones.errors import EffdenseError
 from .presets import resolve_preset
 from .schema import (IMAGENET_MEAN, IMAGENET_STD, ClassificationConfig, Config,
                      DetectionConfig, ModelConfig, Range, SegmentationConfig, task_schemas)
-from .scaling import backbone_spec, detection_scale, detector_at, resolve_image_size
+from .scaling import detection_scale, detector_at, resolve_image_size
 
 __all__ = ["Config", "ClassificationConfig", "SegmentationConfig", "DetectionConfig", "ConfigError", "load",
            "save", "to_dict", "validate", "resolve_image_size", "schema_for", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -267,7 +267,7 @@ def _field_problems(node, prefix: str) -> list[str]:
         hint = f" ({meta['doc']})" if meta.get("doc") else ""
         if "choices" in meta and value not in meta["choices"]:
             shown = ", ".join("null" if c is None else str(c) for c in meta["choices"])
-            problems.append(f"{key}={value!r} must be one of: {shown}")
+            problems.append(f"{key}={value!r} must be one of: {shown}{hint}")
         allowed: Range | None = meta.get("range")
         if allowed is not None and value is not None and not allowed.contains(value):
             problems.append(f"{key}={value!r} {allowed.describe()}{hint}")
@@ -292,12 +292,7 @@ def _backbone_problems(cfg: Config) -> list[str]:
         return ["model.backbone='efficientnet' needs model.phi (a compound coefficient, e.g. model.phi=2.5)"]
     if isinstance(cfg, DetectionConfig):
         return _detection_scale_problems(cfg)
-    name, _ = backbone_spec(cfg.model)
-    if name not in names:
-        named = [n.rsplit("-b", 1)[1] for n in names if re.fullmatch(r"efficientnet-b\d+", n)]
-        return [f"model.scale={cfg.model.scale!r} names no backbone ({name}); named scales: {', '.join(named)} "
-                f"(or model.phi=<float> for any compound coefficient)"]
-    return []
+    return []  # model.scale is one of its declared choices (checked with every field)
 
 
 def _detection_scale_problems(cfg: DetectionConfig) -> list[str]:

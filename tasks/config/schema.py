@@ -83,13 +83,17 @@ def size_field(doc: str = "") -> Any:
 
 # -- model -------------------------------------------------------------------------------------------
 
+NAMED_B = tuple(str(i) for i in range(8))
+BEYOND_THE_TABLE = "the published rows; any other size is model.phi=<float>, e.g. model.phi=8 (B7/D7 grown by the rules)"
+
 
 @dataclass
 class ModelConfig:
     task: str = choice("classification", "classification", "segmentation", "detection")
     backbone: str = "efficientnet-b0"  # a name from backbones.list_names()
     phi: Optional[float] = number(None, ANY_NUMBER)  # set -> backbone "efficientnet" with this compound coefficient
-    scale: Optional[str] = None  # a named scale: 0..7 (B0..B7; for detection D0..D7, "7x")
+    # a published row: 0..7 (B0..B7; detection D0..D7 and "7x"); beyond them model.phi
+    scale: Optional[str] = choice(None, None, *NAMED_B, doc=BEYOND_THE_TABLE)
     num_classes: int = number(1000, AT_LEAST_ONE)
     weights: Optional[str] = None  # the whole model: a checkpoint (EMA weights when it holds them) or "imagenet"
     backbone_weights: Optional[str] = None  # the encoder only: an ImageNet classifier/backbone file or "imagenet"
@@ -158,6 +162,7 @@ class DetectionHeadConfig:
 class DetectionModelConfig(ModelConfig):
     task: str = choice("detection", "classification", "segmentation", "detection")
     num_classes: int = number(90, AT_LEAST_ONE)
+    scale: Optional[str] = choice(None, None, *NAMED_B, "7x", doc=BEYOND_THE_TABLE)
     detection: DetectionHeadConfig = field(default_factory=DetectionHeadConfig)
 
 
@@ -177,6 +182,9 @@ class DataConfig:
     pin_memory: bool = True
     persistent_workers: bool = False  # true skips worker start-up per epoch, but a resumed run then draws different augmentations
     on_bad_sample: str = choice("error", "error", "skip")
+    # checked before the first training step, both splits: quick (labels and annotation files, cheap), full
+    # (every file, what `effdense data check` does) or off
+    check: str = choice("quick", "full", "quick", "off")
     mean: list[float] = numbers(list(IMAGENET_MEAN), FRACTION, length=3,
                                 doc=f"one per RGB channel, 0..1 pixel scale, e.g. ImageNet {list(IMAGENET_MEAN)}")
     std: list[float] = numbers(list(IMAGENET_STD), FRACTION_ABOVE_ZERO, length=3,

@@ -8,17 +8,20 @@
 
 Each on-disk format is one module (imagefolder, cityscapes, maskfolder, coco) and one row of
 ``tasks.data.formats.FORMATS``: its task, dataset builder, collate functions, checker and synthetic
-writer.
+writer. ``check_dataset(cfg)`` lists every problem of every file (``effdense data check``);
+``check_labels(cfg, "quick"|"full"|"off")`` is the check run before the first training step.
 """
 
 from __future__ import annotations
 
+from tasks.data.check import check_labels
 from tasks.data.errors import DataError
 from tasks.data.formats import FORMATS, DataFormat
 from tasks.data.imagefolder import ImageFolderDataset
 from tasks.data.loaders import build_loaders
 
-__all__ = ["DataError", "DataFormat", "FORMATS", "ImageFolderDataset", "build_loaders", "check_dataset"]
+__all__ = ["DataError", "DataFormat", "FORMATS", "ImageFolderDataset", "build_loaders", "check_dataset",
+           "check_labels"]
 
 
 def check_dataset(cfg, workers: int = 4, progress: bool = False) -> list[str]:

@@ -170,12 +170,14 @@ class CityscapesDataset(PairedSegmentationDataset):
 
 
 def check_cityscapes(root: str | Path, splits: Sequence[str] = ("train", "val"), workers: int = 4,
-                     progress: bool = False) -> list[str]:
-    """Every problem of a Cityscapes tree (missing folders, unpaired files, unreadable or invalid masks)."""
+                     progress: bool = False, sample: int | None = None) -> list[str]:
+    """Every problem of a Cityscapes tree (missing folders, unpaired files, unreadable or invalid masks, a
+    split whose masks hold no train id). ``sample=k`` loads an evenly spaced ``k`` pairs per split (quick
+    check, see :func:`tasks.data.seg_common.check_pairs`), else every pair."""
     problems = []
     for split in splits:
         problems += check_pairs(CityscapesReader(), list_cityscapes(root, split), workers, progress,
-                                desc=f"checking {split}")
+                                desc=f"checking {split}", sample=sample, where=Path(root) / "gtFine" / split)
     return list(dict.fromkeys(problems))  # a missing root is reported once
 
 

@@ -3,43 +3,40 @@
 Any COCO-format json and image folder works (``annotation_file=``, ``image_dir=``); the class count
 comes from the json's categories. Category ids need not be contiguous: labels are the indices of the
 sorted category ids (``cat_ids[label]`` maps back, ``cat_to_label`` forward). Images without
-annotations are kept; crowd boxes are kept and flagged (``iscrowd``, ignore regions in training,
-ignored by COCOeval); boxes with w or h <= 0 after clipping to the image are dropped (count logged);
-at most ``max_instances`` boxes per image. Bad records are one-line :class:`CocoFormatError` /
-:class:`BadAnnotationError` errors naming the file and the record (``on_bad_sample="skip"`` drops
-the annotation, or skips the image, counts and logs it instead).
+annotations are kept (a warning gives their count), but a split without a single box is an error, as
+are duplicate image, annotation or category ids (pycocotools would keep one per id); crowd boxes are
+kept and flagged (``iscrowd``, ignore regions in training, ignored by COCOeval); boxes with w or h <= 0
+after clipping to the image are dropped (count logged); at most ``max_instances`` boxes per image.
+Bad records are one-line :class:`CocoFormatError` / :class:`BadAnnotationError` errors naming the
+file and the record (``on_bad_sample="skip"`` drops the annotation, or skips the image, counts and
+logs it instead). The rules the json must satisfy
+(and their error classes, re-exported here) live in :mod:`tasks.data.coco_check`; :func:`check_coco`
+applies them all to a split (``effdense data check``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tasks.data.coco_check import (LAYOUT, REQUIRED, BadAnnotationError, CocoFormatError, annotation_problem,
+                                   boxes_problem, classes_problem, finite_number, read_annotation_file)
 from tasks.data.errors import DataError
 from tasks.data.images import UnreadableImageError, read_rgb
 
 log = logging.getLogger("effdense")
 
+__all__ = ["LAYOUT", "REQUIRED", "LABEL_MAPS", "CocoFormatError", "BadAnnotationError", "MissingImageError",
+           "CocoDetection", "coco_paths", "annotation_paths", "read_annotation_file", "category_maps",
+           "classes_problem", "annotation_problem", "boxes_problem", "clipped_xyxy", "build_coco", "check_coco"]
+
 ON_BAD_SAMPLE_CHOICES = ("error", "skip")
-LAYOUT = "<root>/annotations/instances_<split>.json + <root>/<split>/*.jpg"
-REQUIRED = {"images": ("id", "file_name", "width", "height"), "annotations": ("id", "image_id", "category_id", "bbox"),
-            "categories": ("id", "name")}
-
-
-class CocoFormatError(DataError):
-    """The annotation file is not JSON, lacks a top-level key, or a record lacks a field."""
-
-
-class BadAnnotationError(DataError):
-    """An annotation whose box or category cannot be right (outside the image, negative size, unknown id)."""
 
 
 class MissingImageError(UnreadableImageError):
@@ -63,53 +60,6 @@ def annotation_paths(cfg, split: str, train: bool):
     ann = cfg.data.train_annotations if train else cfg.data.val_annotations
     images = cfg.data.train_images if train else cfg.data.val_images
     return (Path(ann) if ann else default_ann), (Path(images) if images else default_dir)
-
-
-def read_annotation_file(path: str | Path) -> dict:
-    """The json's content, checked for COCO's top-level keys and record fields (one-line errors)."""
-    path = Path(path)
-    if not path.is_file():
-        others = sorted(p.name for p in path.parent.glob("instances_*.json")) if path.parent.is_dir() else []
-        hint = ""
-        if others:  # e.g. `effdense data synth detection` writes train/val, the COCO presets read train2017/val2017
-            splits = ", ".join(name[len("instances_"):-len(".json")] for name in others)
-            hint = (f"; {path.parent} has the splits {splits}: set data.train_split / data.val_split "
-                    f"(or data.train_annotations / data.val_annotations)")
-        raise CocoFormatError(f"{path}: annotation file not found; expected COCO layout {LAYOUT}{hint}")
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as error:
-        raise CocoFormatError(f"{path}: not valid JSON (line {error.lineno} column {error.colno}: {error.msg}); "
-                              f"expected a COCO annotation file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CocoFormatError(f"{path}: cannot read the annotation file ({error}); expected a COCO json") from None
-    if not isinstance(data, dict):
-        raise CocoFormatError(f"{path}: holds a JSON {type(data).__name__}, expected an object with images, "
-                              f"annotations and categories")
-    for key, fields in REQUIRED.items():
-        if key not in data:
-            raise CocoFormatError(f"{path}: missing top-level key '{key}' (has: {', '.join(sorted(data)) or 'none'}); "
-                                  f"expected COCO's images, annotations and categories")
-        if not isinstance(data[key], list):
-            raise CocoFormatError(f"{path}: '{key}' is a {type(data[key]).__name__}, expected a list of records")
-        for index, record in enumerate(data[key]):
-            missing = [f for f in fields if not isinstance(record, dict) or f not in record]
-            if missing:
-                ident = f"id {record['id']}" if isinstance(record, dict) and "id" in record else f"#{index}"
-                raise CocoFormatError(f"{path}: {key} record {ident} lacks {', '.join(repr(m) for m in missing)}; "
-                                      f"expected fields {', '.join(fields)}")
-    _check_unique(path, data["images"], "image")
-    _check_unique(path, data["categories"], "category")
-    return data
-
-
-def _check_unique(path: Path, records: list, kind: str) -> None:
-    seen = set()
-    for record in records:
-        if record["id"] in seen:
-            raise CocoFormatError(f"{path}: {kind} id {record['id']} appears twice; expected unique ids")
-        seen.add(record["id"])
 
 
 LABEL_MAPS = ("contiguous", "category_id")
@@ -136,54 +86,6 @@ def category_maps(categories: list[dict], label_map: str = "contiguous", path: s
                               f"data.label_map=category_id uses label = id - 1; use data.label_map=contiguous")
     cat_ids = list(range(1, max(names, default=0) + 1))
     return cat_ids, {cid: cid - 1 for cid in names}, [names.get(cid, f"id-{cid}") for cid in cat_ids]
-
-
-def classes_problem(annotation_file, count: int, num_classes: int, label_map: str) -> str:
-    """The one line for a model whose class count is not the annotation file's (``count`` classes)."""
-    if label_map == "category_id":
-        return (f"model.num_classes={num_classes} but {annotation_file} has category ids up to {count} "
-                f"(data.label_map=category_id: one class per id); set model.num_classes={count}")
-    return (f"model.num_classes={num_classes} but {annotation_file} has {count} categories; set "
-            f"model.num_classes={count} (or data.label_map=category_id for checkpoints with one class per "
-            f"category id, e.g. effdet's 90-class COCO weights)")
-
-
-def annotation_problem(path: Path, ann: dict, image: dict | None, cat_to_label: dict) -> str | None:
-    """A one-line description of what is wrong with ``ann`` (None when it is usable)."""
-    where = f"{path}: annotation id {ann['id']}"
-    if image is None:
-        return f"{where}: image_id {ann['image_id']} is not among the images; expected an id from 'images'"
-    where += f" (image id {image['id']}, '{image['file_name']}' {image['width']}x{image['height']})"
-    if ann["category_id"] not in cat_to_label:
-        return (f"{where}: unknown category_id {ann['category_id']}; expected one of the {len(cat_to_label)} "
-                f"category ids ({_id_range(cat_to_label)})")
-    bbox = ann["bbox"]
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_finite(v) for v in bbox)):
-        return f"{where}: bbox {bbox!r} is not 4 finite numbers; expected [x, y, width, height]"
-    x, y, w, h = (float(v) for v in bbox)
-    if w < 0 or h < 0:
-        return f"{where}: bbox {_fmt(bbox)} has a negative size; expected [x, y, width, height] with width, height >= 0"
-    width, height = float(image["width"]), float(image["height"])
-    outside = max(-x, -y, x + w - width, y + h - height)
-    if outside > max(2.0, 0.01 * max(width, height)):
-        hint = (" (it fits as [x1, y1, x2, y2]: COCO wants [x, y, width, height])"
-                if w > x and h > y and w <= width and h <= height else "")
-        return (f"{where}: bbox {_fmt(bbox)} extends {outside:.1f} px outside the image{hint}; expected "
-                f"[x, y, width, height] within {image['width']}x{image['height']}")
-    return None
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fmt(bbox) -> str:
-    return "[" + ", ".join(f"{float(v):g}" for v in bbox) + "]"
-
-
-def _id_range(cat_to_label: dict) -> str:
-    ids = sorted(cat_to_label)
-    return f"{ids[0]}..{ids[-1]}" if ids else "none"
 
 
 def clipped_xyxy(bbox, width: float, height: float) -> tuple[float, float, float, float]:
@@ -264,6 +166,10 @@ class CocoDetection(Dataset):
             self._labels.append(np.array([r[1] for r in rows], dtype=np.int64))
             self._crowd.append(np.array([r[2] for r in rows], dtype=bool))
         self.dropped_annotations, self.degenerate_boxes, self.capped_images = dropped, degenerate, capped
+        problem = boxes_problem(self.annotation_file, len(self.images), len(data["annotations"]),
+                                [int((~crowd).sum()) for crowd in self._crowd], dropped)
+        if problem:
+            raise DataError(problem)
         if degenerate:
             log.info("%s: dropped %d degenerate boxes (w or h <= 0 after clipping to the image)",
                      self.annotation_file, degenerate)
@@ -318,50 +224,66 @@ class CocoDetection(Dataset):
 
 def check_coco(root: str | Path | None = None, split: str = "train", *, annotation_file: str | Path | None = None,
                image_dir: str | Path | None = None, decode: bool = True, workers: int = 4,
-               progress: bool = False, num_classes: int | None = None, label_map: str = "contiguous") -> list[str]:
-    """Every problem in one COCO split, one line each ([] when clean): the json (not json, missing keys),
-    a class count other than ``num_classes`` (when given, under ``label_map``), each bad annotation
-    (outside the image, negative size, unknown category or image id), boxes given as [x1, y1, x2, y2]
-    when that is obvious, images listed but missing, unreadable or of another size (``decode=False``
-    only checks that they exist; ``workers`` threads decode, ``progress`` shows a bar)."""
+               progress: bool = False, num_classes: int | None = None, label_map: str = "contiguous",
+               sample: int | None = None) -> list[str]:
+    """Every problem in one COCO split, one line each ([] when clean): the json (not json, missing keys,
+    duplicate ids), a class count other than ``num_classes`` (when given, under ``label_map``), each bad
+    annotation (outside the image, negative size, unknown category or image id), boxes given as
+    [x1, y1, x2, y2] when that is obvious, a split without a single usable box (some images without
+    boxes only log a warning with their count), images listed but missing, unreadable or of another
+    size. ``decode=False`` only checks that the images exist; ``sample=k`` decodes an evenly spaced
+    ``k`` of them (all are still checked to exist); ``workers`` threads decode, ``progress`` shows a bar."""
     if annotation_file is None or image_dir is None:
         default_ann, default_dir = coco_paths(root, split)
         annotation_file, image_dir = annotation_file or default_ann, image_dir or default_dir
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
     try:
         data = read_annotation_file(annotation_file)
-    except CocoFormatError as error:
-        return [str(error)]
-    problems, outside, fits_xyxy, corners = [], 0, 0, 0
-    try:
         cat_ids, cat_to_label, _ = category_maps(data["categories"], label_map, annotation_file)
     except CocoFormatError as error:
         return [str(error)]
+    problems, outside, fits_xyxy, corners, bad = [], 0, 0, 0, 0
     if num_classes is not None and len(cat_ids) != num_classes:
         problems.append(classes_problem(annotation_file, len(cat_ids), num_classes, label_map))
     images = {im["id"]: im for im in data["images"]}
+    boxes = dict.fromkeys(images, 0)  # usable (non-crowd, positive-size) boxes per image
     for ann in data["annotations"]:
-        problem = annotation_problem(annotation_file, ann, images.get(ann["image_id"]), cat_to_label)
+        image = images.get(ann["image_id"])
+        problem = annotation_problem(annotation_file, ann, image, cat_to_label)
         if problem:
             problems.append(problem)
+            bad += 1
             outside += "outside the image" in problem
             fits_xyxy += "it fits as [x1, y1, x2, y2]" in problem
+        elif not ann.get("iscrowd", 0):
+            x1, y1, x2, y2 = clipped_xyxy(ann["bbox"], image["width"], image["height"])
+            boxes[image["id"]] += x2 > x1 and y2 > y1
         bbox = ann["bbox"]
-        if isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_finite(v) for v in bbox):
+        if isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(finite_number(v) for v in bbox):
             corners += bbox[2] > bbox[0] and bbox[3] > bbox[1]
     if outside and fits_xyxy == outside and corners == len(data["annotations"]):
         problems.insert(0, f"{annotation_file}: bbox looks like [x1, y1, x2, y2]: {outside} boxes extend outside "
                            f"their image as [x, y, width, height] but every box fits as corners; COCO expects "
                            f"[x, y, width, height]")
+    empty = boxes_problem(annotation_file, len(images), len(data["annotations"]), list(boxes.values()), bad)
+    if empty:
+        problems.append(empty)
     if not image_dir.is_dir():
         return problems + [f"{image_dir}: image folder not found (for {annotation_file}); expected COCO layout "
                            f"{LAYOUT}"]
-    problems += _image_problems(annotation_file, image_dir, data["images"], decode, workers, progress)
+    decoded = None
+    if decode and sample is not None:
+        from tasks.data.seg_common import evenly_spaced
+
+        decoded = {id(record) for record in evenly_spaced(data["images"], sample)}
+    problems += _image_problems(annotation_file, image_dir, data["images"], decode, workers, progress, decoded)
     return problems
 
 
 def _image_problems(annotation_file: Path, image_dir: Path, records: list, decode: bool, workers: int,
-                    progress: bool) -> list[str]:
+                    progress: bool, decoded: set | None = None) -> list[str]:
+    """Each listed image that is missing, or (when ``decode``; only those in ``decoded``, a set of
+    ``id(record)``, when given) unreadable or of another size than its record says."""
     from concurrent.futures import ThreadPoolExecutor
 
     def problem(record: dict) -> str | None:
@@ -369,7 +291,7 @@ def _image_problems(annotation_file: Path, image_dir: Path, records: list, decod
         if not path.is_file():
             return (f"{path}: listed in {annotation_file} (image id {record['id']}) but not found; expected the "
                     f"image under {image_dir}")
-        if not decode:
+        if not decode or (decoded is not None and id(record) not in decoded):
             return None
         try:
             image = read_rgb(path)

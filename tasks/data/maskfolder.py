@@ -70,10 +70,14 @@ class MaskFolderDataset(PairedSegmentationDataset):
 
 
 def check_maskfolder(root: str | Path, num_classes: int, ignore_index: int = 255,
-                     splits: Sequence[str] = ("train", "val"), workers: int = 4, progress: bool = False) -> list[str]:
-    """Every problem of a mask-folder dataset: layout, unpaired files, unreadable files, sizes, label values."""
+                     splits: Sequence[str] = ("train", "val"), workers: int = 4, progress: bool = False,
+                     sample: int | None = None) -> list[str]:
+    """Every problem of a mask-folder dataset: layout, unpaired files, unreadable files, sizes, label values,
+    a split without a labelled pixel. ``sample=k`` loads an evenly spaced ``k`` pairs per split (quick
+    check, see :func:`tasks.data.seg_common.check_pairs`), else every pair."""
     problems = []
     for split in splits:
         problems += check_pairs(PairReader(num_classes, ignore_index), list_maskfolder(root, split), workers,
-                                progress, desc=f"checking {split}")
+                                progress, desc=f"checking {split}", sample=sample,
+                                where=Path(root) / "masks" / split)
     return list(dict.fromkeys(problems))

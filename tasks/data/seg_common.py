@@ -26,7 +26,7 @@ from tasks.data.imagefolder import ON_BAD_SAMPLE_CHOICES
 log = logging.getLogger("effdense")
 
 __all__ = ["MaskError", "Pair", "PairListing", "PairReader", "read_image", "read_mask", "PairedSegmentationDataset",
-           "collate_segmentation", "segmentation_collate", "check_pairs"]
+           "collate_segmentation", "segmentation_collate", "check_pairs", "evenly_spaced"]
 
 MASK_MODES = ("L", "P", "1", "I;16", "I;16L", "I;16B", "I")
 
@@ -166,28 +166,100 @@ class PairedSegmentationDataset(Dataset):
 
 
 def check_pairs(reader: PairReader, listing: PairListing, workers: int = 4, progress: bool = False,
-                desc: str = "checking samples") -> list[str]:
-    """Layout problems of ``listing``, then every pair that does not load (one line each)."""
+                desc: str = "checking samples", sample: int | None = None,
+                where: str | Path | None = None) -> list[str]:
+    """Layout problems of ``listing``, then every pair that does not load, then a split whose masks hold no
+    labelled pixel at all (one line each, naming ``where``: the split's mask folder).
+
+    ``sample=k`` loads only an evenly spaced ``k`` pairs (the quick check); when none of them holds a
+    labelled pixel, the other masks are read (masks only) until one does, so the "no labelled pixel"
+    verdict is about the whole split. Some all-ignore masks are legitimate: a warning gives their count.
+    """
     problems = listing.fatal + listing.problems
-    if listing.fatal:
+    if listing.fatal or not listing.pairs:
         return problems
+    chosen = evenly_spaced(listing.pairs, sample)
 
-    def problem(pair: Pair) -> str | None:
+    def load(pair: Pair) -> tuple[str | None, bool | None]:
         try:
-            reader.load(pair)
+            _, labels = reader.load(pair)
         except (UnreadableImageError, MaskError) as error:
-            return str(error)
-        return None
+            return str(error), None
+        return None, _labelled(reader, labels)
 
+    results = _map(load, chosen, workers, progress, desc)
+    problems += [problem for problem, _ in results if problem is not None]
+    flags = [flag for _, flag in results if flag is not None]
+    where = where or _mask_folder(listing.pairs)
+    if flags and not any(flags):
+        read = set(chosen)
+        found, more = _find_labelled(reader, [pair for pair in listing.pairs if pair not in read], workers)
+        problems += more
+        if not found:
+            return problems + [_no_labels_problem(reader, listing.pairs, where)]
+    if not all(flags):
+        sampled = f" (an evenly spaced sample of {len(listing.pairs)})" if len(chosen) < len(listing.pairs) else ""
+        log.warning("%s: %d of %d masks%s have no labelled pixel (all ignore_index=%d); kept, they add nothing "
+                    "to the loss", where, flags.count(False), len(flags), sampled, reader.ignore_index)
+    return problems
+
+
+def evenly_spaced(items: list, count: int | None) -> list:
+    """``count`` items spread evenly over ``items``, first and last included (all of them when ``count`` is
+    None or not smaller): the checkers' bounded samples."""
+    if count is None or len(items) <= count:
+        return list(items)
+    if count <= 1:
+        return list(items[:count])
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def _labelled(reader: PairReader, labels: torch.Tensor) -> bool:
+    return bool(((labels >= 0) & (labels < reader.num_classes)).any())
+
+
+def _map(function: Callable, items: list, workers: int, progress: bool = False, desc: str = "") -> list:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(problem, listing.pairs)
+        results = pool.map(function, items)
         if progress:
             from tqdm import tqdm
 
-            results = tqdm(results, total=len(listing.pairs), desc=desc, unit="img")
-        return problems + [p for p in results if p is not None]
+            results = tqdm(results, total=len(items), desc=desc, unit="img")
+        return list(results)
+
+
+def _find_labelled(reader: PairReader, pairs: list[Pair], workers: int) -> tuple[bool, list[str]]:
+    """(whether some mask of ``pairs`` holds a labelled pixel, the masks found unusable on the way), reading
+    masks in chunks and stopping at the first chunk with a labelled pixel."""
+
+    def read(pair: Pair) -> tuple[str | None, bool]:
+        try:
+            return None, _labelled(reader, reader.to_labels(read_mask(pair.mask), pair.mask))
+        except MaskError as error:
+            return str(error), False
+
+    chunk, problems = max(1, workers) * 4, []
+    for start in range(0, len(pairs), chunk):
+        results = _map(read, pairs[start:start + chunk], workers)
+        problems += [problem for problem, _ in results if problem is not None]
+        if any(flag for _, flag in results):
+            return True, problems
+    return False, problems
+
+
+def _mask_folder(pairs: list[Pair]) -> Path:
+    import os
+
+    return Path(os.path.commonpath([str(pair.mask.parent) for pair in pairs]))
+
+
+def _no_labels_problem(reader: PairReader, pairs: list[Pair], where: str | Path) -> str:
+    table = " after the label table" if reader.table(pairs[0].mask)[0] is not None else ""
+    return (f"'{where}': no labelled pixel in any of its {len(pairs)} masks (every pixel is "
+            f"ignore_index={reader.ignore_index}{table}); expected class labels 0..{reader.num_classes - 1} in "
+            f"at least some pixels: training would learn nothing (loss 0) and evaluation would have nothing to score")
 
 
 def collate_segmentation(batch: Sequence[tuple[torch.Tensor, dict]], train: bool = True, ignore_index: int = 255):

@@ -5,7 +5,9 @@
 compact rows ``[image_id, x, y, w, h, score, category_id]``. ``compute()`` gathers the rows (and the
 ids of every image seen, detections or not) to rank 0 with ``gather_object``, runs
 ``COCOeval(gt, dt, "bbox")`` on exactly those rows, and broadcasts the 12 stats so every rank returns
-the same dict. ``save(dir)`` then writes ``detections.json`` (COCO results format) and ``coco_eval.json``.
+the same dict (or raises the same one-line ``DataError`` when nothing can be scored: no image, or no
+ground-truth box, where COCOeval would give a row of -1). ``save(dir)`` then writes ``detections.json``
+(COCO results format) and ``coco_eval.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from tasks.data.coco import build_coco, category_maps, read_annotation_file
+from tasks.data.errors import DataError
 from tasks.data.transforms.detection import unletterbox_boxes
 from tasks.engine.distributed import broadcast_object, gather_objects
 
@@ -45,7 +48,8 @@ class GroundTruth:
 
 
 def load_ground_truth(path: str | os.PathLike, label_map: str = "contiguous") -> GroundTruth:
-    """Read ``path`` (one-line errors as the dataset's) and fill the optional fields COCOeval needs
+    """Read ``path`` (one-line errors as the dataset's, duplicate annotation ids included: pycocotools would
+    index only one of each and score perfect detections below 1) and fill the optional fields COCOeval needs
     (``area`` = w * h, ``iscrowd`` = 0) where a custom json omits them. ``label_map``: how the model's
     labels map to the json's category ids (``data.label_map``; see ``tasks.data.coco.category_maps``)."""
     data = read_annotation_file(path)
@@ -117,12 +121,24 @@ class CocoEvaluator:
             result = self._evaluate_or_error(rows, seen)
         result = broadcast_object(result)  # every rank returns (or raises) the same
         if isinstance(result, str):
-            raise RuntimeError(result)
+            raise DataError(result)
         return result
 
     def _evaluate_or_error(self, rows: np.ndarray, seen: list[int]) -> dict[str, float] | str:
+        """The stats, or the one line saying why there are none (no images, no ground-truth box: COCOeval
+        would return a row of -1)."""
         if not seen:
-            return "CocoEvaluator.compute(): no images were evaluated (empty validation split?)"
+            return (f"{self.gt.path}: no images were evaluated (empty validation split?); expected the images "
+                    f"of data.val_split in the loader")
+        index = self.gt.coco.imgToAnns
+        if not any(not ann.get("iscrowd", 0) for image_id in seen for ann in index.get(image_id, ())):
+            if not any(not ann.get("iscrowd", 0) for ann in self.gt.coco.dataset["annotations"]):
+                why = "the file has no non-crowd annotation"
+            else:
+                why = f"none of the {len(seen)} evaluated images has one (a json of another split?)"
+            return (f"{self.gt.path}: no ground-truth boxes to evaluate against ({why}), so every COCO stat would "
+                    f"be -1; expected a validation json with annotated objects for the evaluated images "
+                    f"(`effdense data check` lists the problems)")
         return self._evaluate(rows, seen)
 
     def _evaluate(self, rows: np.ndarray, seen: list[int]) -> dict[str, float]:

@@ -6,8 +6,8 @@ optimizers/schedules and the run directory. Nothing here imports a task module.
 >>> evaluate(task_model, loaders["val"], device="cpu")
 """
 
-from tasks.engine.errors import EngineError
+from tasks.engine.errors import EngineError, NonFiniteLossError, TrainingInterrupted
 from tasks.engine.evaluate import evaluate
-from tasks.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+from tasks.engine.trainer import Trainer
 
 __all__ = ["EngineError", "NonFiniteLossError", "Trainer", "TrainingInterrupted", "evaluate"]

@@ -62,18 +62,18 @@ def pick_device(spec: str, local_rank: int = 0, world_size: int = 1) -> torch.de
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device={spec!r} but this machine has no usable CUDA device; "
-                             f"set --set train.device=cpu (or auto)")
+            raise EngineError(f"train.device={spec!r} but this machine has no usable CUDA device; "
+                              f"set --set train.device=cpu (or auto)")
         count = torch.cuda.device_count()
         if world_size > 1:
             index = local_rank
         else:
             index = int(spec.split(":", 1)[1]) if ":" in spec and spec.split(":", 1)[1].isdigit() else 0
         if index >= count:
-            raise ValueError(f"train.device={spec!r} (LOCAL_RANK={local_rank}) asks for GPU {index} but only "
-                             f"{count} are visible; use fewer processes or check CUDA_VISIBLE_DEVICES")
+            raise EngineError(f"train.device={spec!r} (LOCAL_RANK={local_rank}) asks for GPU {index} but only "
+                              f"{count} are visible; use fewer processes or check CUDA_VISIBLE_DEVICES")
         return torch.device("cuda", index)
-    raise ValueError(f"train.device={spec!r} is not one of auto|cpu|cuda|cuda:N; fix train.device in the config")
+    raise EngineError(f"train.device={spec!r} is not one of auto|cpu|cuda|cuda:N; fix train.device in the config")
 
 
 def init_from_env(device: torch.device) -> DistEnv:

@@ -32,6 +32,57 @@ METRICS_PLOT = "metrics.png"
 RUN_FILES = (METRICS_FILE, LOSS_PLOT, METRICS_PLOT, "config.yaml", "last.pt", "best.pt", "model.safetensors")
 
 
+LOCK_FILE = ".effdense.lock"
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> Path:
+    """Take ``run_dir``'s exclusive lock: a file created with ``O_EXCL`` that holds this process's pid.
+
+    A second training into the same directory is refused while the first runs (one line naming its pid);
+    a lock left by a process that no longer exists (killed with -9) is taken over. Returns the lock's
+    path; :func:`unlock_run_dir` removes it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and owner != os.getpid() and _process_exists(owner):
+                raise EngineError(f"run directory {run_dir} is in use by process {owner} (it holds {lock}); wait for "
+                                  f"that run to end, or choose another --output / train.run_name") from None
+            lock.unlink(missing_ok=True)  # its process is gone (or it is ours): a stale lock
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return lock
+    raise EngineError(f"run directory {run_dir}: could not take {lock} (another process keeps creating it)")
+
+
+def unlock_run_dir(lock: Path | None) -> None:
+    """Remove a lock taken by :func:`lock_run_dir` (only while it is still this process's)."""
+    if lock is not None and _lock_owner(lock) == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def claim_run_dir(run_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse a directory that holds another run's files (``RUN_FILES``, TensorBoard events), unless
     ``overwrite`` (``train.overwrite`` / ``--overwrite``), which removes them first."""

@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -43,42 +42,22 @@ from torch import nn
 from tasks.engine import checkpoint as ckpt
 from tasks.engine import distributed as dist_utils
 from tasks.engine.distributed import to_device
-from tasks.engine.errors import EngineError
+from tasks.engine.errors import EngineError, NonFiniteLossError, TrainingInterrupted
 from tasks.engine.evaluate import autocast, images_to_device, is_improvement, run_evaluation
 from tasks.engine.optim import ModelEMA, build_optimizer, build_schedule, scaled_lr, steps_per_epoch
-from tasks.engine.runlog import LossTracker, RunLog, claim_run_dir, config_dict, progress_bar, write_config
+from tasks.engine.runlog import (LossTracker, RunLog, claim_run_dir, config_dict, lock_run_dir, progress_bar,
+                                 unlock_run_dir, write_config)
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN/inf; names the step, the terms and the last good checkpoint."""
-
-    def __init__(self, step: int, epoch: int, terms: dict[str, float], checkpoint: str | None):
-        self.step, self.epoch, self.terms, self.checkpoint = step, epoch, terms, checkpoint
-        values = ", ".join(f"{name}={value:.6g}" for name, value in terms.items())
-        super().__init__(f"non-finite loss at step {step} (epoch {epoch + 1}): {values}; last good checkpoint: "
-                         f"{checkpoint or 'none saved yet'} — lower optim.lr, set train.clip_grad, or check the data")
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by ``fit`` after SIGTERM/SIGINT once ``last.pt`` is written; ``exit_code`` = 128 + signal."""
-
-    def __init__(self, signum: int, checkpoint: str | None, epoch: int, step: int, batch_in_epoch: int):
-        self.signum, self.checkpoint, self.exit_code = signum, checkpoint, 128 + signum
-        self.epoch, self.step, self.batch_in_epoch = epoch, step, batch_in_epoch
-        where = (f"state saved to {checkpoint}; continue with --resume {checkpoint}" if checkpoint
-                 else "nothing saved (no run directory)")
-        super().__init__(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {step} "
-                         f"(batch {batch_in_epoch} of the epoch); {where}")
 
 
 class Trainer:
     """``Trainer(model, loaders, cfg, run_dir=None).fit()``; call ``resume(path)`` before ``fit`` to continue.
 
-    ``run_dir`` defaults to ``train.output_dir/train.run_name`` (``run-<time>`` without a name; a
-    resumed run without either continues in the checkpoint's directory). A directory that already holds
-    another run is refused unless ``train.overwrite`` (then its run files are removed first).
+    ``run_dir`` defaults to ``train.output_dir/train.run_name`` (``run-<time>`` without a name); a resumed
+    run continues in the checkpoint's own directory, always. A directory that already holds another run is
+    refused unless ``train.overwrite`` (then its run files are removed first), and one that another process
+    is training into (its ``.effdense.lock``) is refused too.
     ``create_run_dir=False`` writes nothing (benchmarks). ``cfg`` is a validated ``tasks.config`` config.
     ``run_files``: ``{file name: JSON-able data}`` written into the run directory when ``fit`` starts
     (the CLI's ``scale.json``: what the compound coefficient resolved to).
@@ -125,7 +104,6 @@ class Trainer:
         if t.compile:
             self.train_model = torch.compile(self.train_model)
 
-        self._run_dir_auto = run_dir is None and not t.run_name
         if run_dir is None:
             run_dir = Path(t.output_dir) / (t.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.run_dir = Path(dist_utils.broadcast_object(str(run_dir)))
@@ -159,14 +137,7 @@ class Trainer:
         t = self.train_cfg
         if "train" not in self.loaders:
             raise ValueError(f"loaders has keys {sorted(self.loaders)} but fit() needs 'train' (and 'val' to evaluate)")
-        if self._create_run_dir and self.is_main:
-            if self._last_checkpoint is None:  # resuming continues this directory's run
-                claim_run_dir(self.run_dir, overwrite=self.train_cfg.overwrite)
-            ckpt.remove_stale_temp_files(self.run_dir)
-            self._runlog = RunLog(self.run_dir, resume_step=self.step if self._last_checkpoint else None)
-            write_config(self.cfg, self.run_dir / "config.yaml")
-            for name, data in self.run_files.items():
-                (self.run_dir / name).write_text(json.dumps(data, indent=1) + "\n")
+        lock = self._claim() if self._create_run_dir and self.is_main else None
         self._stop.install()
         final: dict[str, float] | None = None
         try:
@@ -178,13 +149,13 @@ class Trainer:
                     self._interrupt()
                 done = self.epoch >= t.epochs or self._max_steps_reached()
                 epoch_end = self.batch_in_epoch == 0
-                is_best = False
                 if done or (epoch_end and self.epoch % t.eval_every == 0):
+                    self._save(last=True)  # first: an evaluation that fails (a bad val file) loses no training
                     final, is_best = self._evaluate_and_log()
-                if done or (epoch_end and self.epoch % t.checkpoint_every == 0):
-                    self._save(last=True, best=is_best)
-                elif is_best:
-                    self._save(last=False, best=True)
+                    if is_best:  # last.pt again, now recording the new best, and copied to best.pt
+                        self._save(last=True, best=True)
+                elif epoch_end and self.epoch % t.checkpoint_every == 0:
+                    self._save(last=True)
             if final is None:  # nothing left to train (a finished run was resumed): report its metrics
                 final = self.evaluate() if "val" in self.loaders else {}
             return final
@@ -192,6 +163,24 @@ class Trainer:
             self._stop.restore()
             if self._runlog is not None:
                 self._runlog.close()
+            unlock_run_dir(lock)
+
+    def _claim(self) -> Path:
+        """Lock the run directory (before looking: two runs started together cannot both claim it), refuse
+        another run's files, and write the run's files; the lock is released if any of that fails."""
+        lock = lock_run_dir(self.run_dir)
+        try:
+            if self._last_checkpoint is None:  # resuming continues this directory's run
+                claim_run_dir(self.run_dir, overwrite=self.train_cfg.overwrite)
+            ckpt.remove_stale_temp_files(self.run_dir)
+            self._runlog = RunLog(self.run_dir, resume_step=self.step if self._last_checkpoint else None)
+            write_config(self.cfg, self.run_dir / "config.yaml")
+            for name, data in self.run_files.items():
+                (self.run_dir / name).write_text(json.dumps(data, indent=1) + "\n")
+        except BaseException:
+            unlock_run_dir(lock)
+            raise
+        return lock
 
     def evaluate(self, loader=None) -> dict[str, float]:
         """Run the evaluator over ``loader`` (default ``loaders["val"]``); EMA weights when EMA is on."""
@@ -214,8 +203,7 @@ class Trainer:
                                     scheduler=self.scheduler, scaler=self.scaler)
         if self.ema is not None and state.get("ema") is None:  # EMA switched on now: start it from these weights
             self.ema = ModelEMA(self.model, self.train_cfg.ema_decay)
-        if self._run_dir_auto:
-            self.run_dir = Path(path).resolve().parent
+        self.run_dir = Path(path).resolve().parent  # a resume continues in the checkpoint's own directory, always
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.best = state["best"]["value"]
         rng = state.get("rng") or []

@@ -17,7 +17,8 @@ masks with the logits' size is accepted too.
 Metrics: per-class IoU = TP / (TP + FP + FN) over pixels whose truth is a class (ignore pixels and
 out-of-range labels leave the matrix); ``mIoU`` averages the classes that occur in truth or
 prediction (the others have no IoU, as in cityscapesScripts); ``pixel_acc`` = trace / total; with
-``categories`` (e.g. Cityscapes' 7), the same on the category-level matrix (``mIoU_category``).
+``categories`` (e.g. Cityscapes' 7), the same on the category-level matrix (``mIoU_category``). A
+split without a single labelled pixel has no metrics: ``compute()`` raises a one-line ``DataError``.
 Under torch.distributed the matrix is summed over ranks, so every rank returns the same numbers; a
 rank with an empty shard still joins (its matrix exists from ``reset``).
 """
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
+from tasks.data.errors import DataError
 from tasks.engine.distributed import all_reduce_sum_
 
 __all__ = ["SegmentationEvaluator", "labels_at_original"]
@@ -99,8 +101,10 @@ class SegmentationEvaluator:
         confusion = self.confusion.clone()
         all_reduce_sum_(confusion)
         if confusion.sum() == 0:
-            raise RuntimeError("SegmentationEvaluator.compute(): no labelled pixels were evaluated "
-                               "(empty validation split, or every mask pixel is ignore_index)")
+            raise DataError(f"segmentation evaluation: no labelled pixels were evaluated: the validation split is "
+                            f"empty or every pixel of its masks is ignore_index={self.ignore_index} (or outside "
+                            f"0..{self.num_classes - 1}); expected masks with class labels, check data.val_split "
+                            f"and data.ignore_index (`effdense data check` names the folder)")
         iou = _iou(confusion)
         metrics = {"mIoU": _nanmean(iou), "pixel_acc": (confusion.diag().sum().double() / confusion.sum()).item()}
         for name, value in zip(self.class_names, iou.tolist()):

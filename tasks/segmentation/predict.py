@@ -4,10 +4,15 @@
 image blended with the class colours) and, given a train-id -> label-id table (Cityscapes:
 ``tasks.data.cityscapes.TRAIN_TO_LABEL_ID``), ``<name>_labelIds.png`` -- what cityscapesScripts'
 evaluator reads, matched to the ground truth by the ``city_seq_frame`` stem.
+
+``<name>`` follows ``tasks.data.outputs``: the input's stem (the ``city_seq_frame`` part for Cityscapes),
+inputs sharing it told apart by their folders (``a_img``, ``b_img``), and ``-1``, ``-2``... appended when
+a planned file already exists in ``out`` -- an input or an earlier run's file is never written over.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,10 +21,12 @@ import torch
 from PIL import Image
 
 from tasks.data.images import read_image
+from tasks.data.outputs import output_folder, plan_output_stems, renamed_note, unique_path, write_new
 
 from .evaluate import labels_at_original
 
-__all__ = ["prediction_name", "default_palette", "predict_labels", "write_prediction", "predict_paths", "predict"]
+__all__ = ["prediction_name", "default_palette", "predict_labels", "output_suffixes", "write_prediction",
+           "predict_paths", "predict"]
 
 _CITYSCAPES_IMAGE = "_leftImg8bit"
 
@@ -53,48 +60,71 @@ def predict_labels(task, image: torch.Tensor, transform: Callable | None = None)
     return labels_at_original(logits, None, (height, width)).cpu()
 
 
+def _save_png(array: np.ndarray, path: Path, exclusive: bool) -> None:
+    if not exclusive:
+        Image.fromarray(array).save(path)
+        return
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    write_new(path, buffer.getvalue())
+
+
+def output_suffixes(label_ids: torch.Tensor | None = None) -> list[str]:
+    """The endings of the files ``write_prediction`` writes per image (with the image and colours)."""
+    return ["_trainIds.png", "_overlay.png", *(["_labelIds.png"] if label_ids is not None else [])]
+
+
 def write_prediction(out_dir: str | Path, name: str, labels: torch.Tensor, image: torch.Tensor | None = None,
                      colors: Sequence[Sequence[int]] | None = None, label_ids: torch.Tensor | None = None,
-                     alpha: float = 0.5) -> dict[str, Path]:
-    """Write the PNGs for one prediction (see the module docstring); returns ``{kind: path}``."""
+                     alpha: float = 0.5, exclusive: bool = False) -> dict[str, Path]:
+    """Write the PNGs for one prediction (see the module docstring); returns ``{kind: path}``.
+    ``exclusive``: a file that already exists is refused (``tasks.data.outputs.OutputError``), not replaced."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     array = labels.cpu().numpy()
     paths = {"train_ids": out / f"{name}_trainIds.png"}
-    Image.fromarray(array.astype(np.uint16 if array.max(initial=0) > 255 else np.uint8)).save(paths["train_ids"])
+    _save_png(array.astype(np.uint16 if array.max(initial=0) > 255 else np.uint8), paths["train_ids"], exclusive)
     if label_ids is not None:
         paths["label_ids"] = out / f"{name}_labelIds.png"
-        Image.fromarray(label_ids[labels.cpu()].numpy().astype(np.uint8)).save(paths["label_ids"])
+        _save_png(label_ids[labels.cpu()].numpy().astype(np.uint8), paths["label_ids"], exclusive)
     if image is not None:
         palette = torch.tensor(colors if colors is not None else default_palette(int(array.max(initial=0)) + 1),
                                dtype=torch.float32)
         colour = palette[labels.cpu().clamp(0, len(palette) - 1)].permute(2, 0, 1)
         blended = (1 - alpha) * image.cpu().float() + alpha * colour
         paths["overlay"] = out / f"{name}_overlay.png"
-        Image.fromarray(blended.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()).save(paths["overlay"])
+        _save_png(blended.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy(), paths["overlay"], exclusive)
     return paths
 
 
 def predict_paths(task, paths: Sequence[str | Path], out: str | Path | None = None, transform: Callable | None = None,
                   colors: Sequence[Sequence[int]] | None = None, label_ids: torch.Tensor | None = None,
                   class_names: Sequence[str] | None = None) -> list[dict]:
-    """Predict each image file; with ``out``, write its PNGs there. Returns per-image summaries
-    (``image``, ``files``, ``classes``: fraction of pixels per predicted class name)."""
+    """Predict each image file; with ``out``, write its PNGs there under names chosen before anything is
+    written (``tasks.data.outputs``: never an input, never an existing file). Returns per-image
+    summaries (``image``, ``files``: ``{kind: path written}``, ``classes``: fraction of pixels per
+    predicted class name)."""
+    stems: list[str | None] = [None] * len(paths)
+    if out is not None:
+        out = output_folder(out)
+        stems = plan_output_stems(paths, out, output_suffixes(label_ids), stem=prediction_name)
     results = []
-    for path in paths:
+    for path, stem in zip(paths, stems):
         image = read_image(path)
         labels = predict_labels(task, image, transform)
         counts = torch.bincount(labels.reshape(-1))
         names = class_names or [str(i) for i in range(len(counts))]
         shares = {names[i]: round(c / labels.numel(), 5) for i, c in enumerate(counts.tolist()) if c}
-        files = {} if out is None else write_prediction(out, prediction_name(path), labels, image, colors, label_ids)
+        files = {} if out is None else write_prediction(out, stem, labels, image, colors, label_ids, exclusive=True)
         results.append({"image": str(path), "files": {k: str(v) for k, v in files.items()}, "classes": shares})
     return results
 
 
 def predict(cfg, model, paths, out=None, **_options) -> list[dict]:
     """Per image, at its original resolution: a colour overlay, a trainId PNG and, for Cityscapes, a
-    ``<city_seq_frame>_labelIds.png`` (what cityscapesScripts' evaluator reads), flat in ``out``."""
+    ``<city_seq_frame>_labelIds.png`` (what cityscapesScripts' evaluator reads), flat in ``out``, plus
+    ``predictions.json`` pointing each input at its files (``predictions-1.json``... when that name is
+    taken: an existing file is never overwritten; the printed summary names the one written)."""
     from tasks.data.transforms.segmentation import eval_transform_for
 
     colors = label_ids = None
@@ -112,8 +142,12 @@ def predict(cfg, model, paths, out=None, **_options) -> list[dict]:
         print(f"{result['image']}: " + ", ".join(f"{name} {share:.0%}" for name, share in top))
     if out:
         import json
-        from pathlib import Path
 
-        (Path(out) / "predictions.json").write_text(json.dumps(results, indent=1))
-        print(f"wrote {len(results)} predictions to {out}")
+        json_path = unique_path(Path(out) / "predictions.json")
+        write_new(json_path, json.dumps(results, indent=1).encode())
+        print(f"wrote {len(results)} predictions to {out} (index: {json_path})")
+        stems = [Path(r["files"]["train_ids"]).name.removesuffix("_trainIds.png") for r in results]
+        note = renamed_note(paths, stems, [str(Path(out) / f"{stem}_*.png") for stem in stems], stem=prediction_name)
+        if note:
+            print(note)
     return results

@@ -171,7 +171,7 @@ def test_resume_with_changed_schedule_is_refused(dataset, trained, capsys):
 
 def test_weights_from_a_plain_torchvision_pt_file(tmp_path):
     from tasks.classification import ClassificationTask, build_classifier
-    from tasks.cli import load_task_weights
+    from tasks.registry import load_task_weights
 
     torch.manual_seed(0)
     peer = torchvision.models.efficientnet_b0().eval()

@@ -258,7 +258,6 @@ def test_loader_config_mismatches_are_one_line_errors(clean_root):
 
 
 def test_build_loaders_builds_only_the_splits_asked_for(clean_root):
-    import shutil as _shutil
 
     cfg = demo_config(clean_root)
     assert list(build_loaders(cfg, splits=("val",))) == ["val"]

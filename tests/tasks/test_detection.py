@@ -229,7 +229,7 @@ def test_detect_and_predict_paths_map_back_to_the_original_image(tmp_path, capsy
     assert "photo.png: 5 detections above 0" in capsys.readouterr().out
     rows = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert len(rows) == 5 and {r["category_id"] for r in rows} <= {4, 9} and len(results) == 1
-    assert (tmp_path / "out" / "photo.png").stat().st_size > 0
+    assert (tmp_path / "out" / "photo_boxes.png").stat().st_size > 0
 
 
 def test_bf16_autocast_train_step():

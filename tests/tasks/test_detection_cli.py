@@ -66,8 +66,8 @@ def test_predict_draws_boxes_without_the_dataset(shapes, trained, tmp_path, caps
     assert main(["predict", DEMO, "--set", "data.root=/nonexistent", "--set", "data.image_size=128",
                  "--weights", str(trained / "model.safetensors"), *map(str, images), "--out", str(tmp_path),
                  "--score-threshold", "0.0"]) == 0
-    for image in images:
-        assert (tmp_path / image.name).is_file()
+    for image in images:  # the drawn image beside, never in place of, the input
+        assert (tmp_path / f"{image.stem}_boxes{'.jpg' if image.suffix.lower() in ('.jpg', '.jpeg') else '.png'}").is_file()
     rows = json.loads((tmp_path / "detections.json").read_text())
     assert rows and {r["category_id"] for r in rows} <= {3, 7, 11}  # ids from the weights' metadata
 

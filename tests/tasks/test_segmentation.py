@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from tasks.data.errors import DataError
 from tasks.data.cityscapes import CATEGORIES, CLASS_NAMES, TRAIN_TO_LABEL_ID, CityscapesDataset
 from tasks.data.seg_common import collate_segmentation
 from tasks.data.synthetic.segmentation import write_cityscapes
@@ -82,7 +83,7 @@ def test_category_miou_and_empty_errors():
     evaluator.update(_one_hot_logits(torch.full((1, 4, 4), flat[1]), 19), truth)
     metrics = evaluator.compute()
     assert metrics["mIoU"] == 0.0 and metrics["mIoU_category"] == 1.0 and metrics["iou_category/flat"] == 1.0
-    with pytest.raises(RuntimeError, match="no labelled pixels"):
+    with pytest.raises(DataError, match="no labelled pixels"):
         SegmentationEvaluator(3).compute()
 
 

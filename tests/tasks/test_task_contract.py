@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tasks import registry
-from tasks.cli import build_with_weights
+from tasks.registry import build_with_weights
 from tasks.config import load, resolve_image_size
 from tasks.data import FORMATS, build_loaders
 from tasks.engine import evaluate
