@@ -10,7 +10,7 @@ from heads import ClassificationHead
 
 from tasks.config.scaling import backbone_spec
 from tasks.config.schema import IMAGENET_MEAN, IMAGENET_STD
-from tasks.engine.normalize import PixelNormalization
+from tasks.engine.normalize import PixelNormalization, pixel_options
 
 from .evaluate import TopKEvaluator
 
@@ -84,6 +84,8 @@ def build_model(cfg) -> ClassificationTask:
     for key in ("norm_eps", "norm_momentum"):
         if getattr(model_cfg, key) is not None:
             options[key] = getattr(model_cfg, key)
+    if model_cfg.in_channels != 3:  # the stem takes the bands; ImageNet stems are adapted, not re-initialised
+        options["in_channels"] = model_cfg.in_channels
     dropout = model_cfg.dropout
     if dropout is None and model_cfg.phi is not None:  # a fractional phi: between the two rows' dropouts
         from tasks.config.scaling import backbone_at
@@ -96,5 +98,5 @@ def build_model(cfg) -> ClassificationTask:
         from backbones.weights import load_weights
 
         load_weights(net.backbone, model_cfg.backbone_weights)
-    return ClassificationTask(net, mean=cfg.data.mean, std=cfg.data.std,
+    return ClassificationTask(net, **pixel_options(cfg),
                               label_smoothing=cfg.loss.label_smoothing)

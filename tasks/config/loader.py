@@ -240,6 +240,9 @@ def validate(cfg: Config) -> Config:
                  if not str(_get(cfg, key)).strip()]
     if cfg.optim.nesterov and cfg.optim.momentum <= 0:
         problems.append(f"optim.nesterov=true needs optim.momentum > 0 (got {cfg.optim.momentum})")
+    bands = cfg.model.in_channels
+    problems += [f"data.{key}={list(getattr(cfg.data, key))} has {len(getattr(cfg.data, key))} values; expected one per "
+                 f"band, model.in_channels={bands}" for key in ("mean", "std") if len(getattr(cfg.data, key)) != bands]
     augment = getattr(cfg.data, "augment", None)
     if augment is not None and getattr(augment, "scale_max", None) is not None and augment.scale_min > augment.scale_max:
         problems.append(f"data.augment.scale_min={augment.scale_min} must be <= data.augment.scale_max={augment.scale_max}")

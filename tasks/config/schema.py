@@ -10,75 +10,16 @@ schema from ``model.task`` and an unknown key fails naming the key and the valid
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from .scaling import backbone_at_model, detection_scale, detector_at
 
+from .fields import (ANY_NUMBER, AT_LEAST_ONE, FRACTION, FRACTION_ABOVE_ZERO, FRACTION_BELOW_ONE, NON_NEGATIVE,
+                     OPEN_UNIT, POSITIVE, Range, choice, number, numbers, size_field)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# -- field declarations with their allowed values --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Range:
-    """A numeric interval; ``None`` bounds are open-ended. Values must also be finite."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def contains(self, value: float) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return False
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    def describe(self) -> str:
-        if self.low is None:  # ranges here are bounded below or not at all
-            return "must be a finite number"
-        if self.high is None:
-            return f"must be {'>' if self.low_open else '>='} {self.low:g}"
-        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"must be in {left}{self.low:g}, {self.high:g}{right}"
-
-
-ANY_NUMBER = Range()
-POSITIVE = Range(0, low_open=True)
-AT_LEAST_ONE = Range(1)
-NON_NEGATIVE = Range(0)
-FRACTION = Range(0, 1)  # [0, 1]
-FRACTION_BELOW_ONE = Range(0, 1, high_open=True)  # [0, 1)
-FRACTION_ABOVE_ZERO = Range(0, 1, low_open=True)  # (0, 1]
-OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
-
-
-def choice(default: Any, *options: Any, doc: str = "") -> Any:
-    """A field whose value must be one of ``options`` (``default`` among them)."""
-    assert default in options, (default, options)
-    return field(default=default, metadata={"choices": options, "doc": doc})
-
-
-def number(default: Any, allowed: Range, doc: str = "") -> Any:
-    """A numeric field (``None`` allowed when the annotation is Optional) within ``allowed``."""
-    return field(default=default, metadata={"range": allowed, "doc": doc})
-
-
-def numbers(default: list, each: Range, length: int | tuple[int, ...] | None = None, doc: str = "") -> Any:
-    """A list-of-numbers field: every element within ``each``; ``length`` = the allowed length(s)."""
-    lengths = (length,) if isinstance(length, int) else length
-    return field(default_factory=lambda: list(default) if default is not None else None,
-                 metadata={"each": each, "lengths": lengths, "doc": doc})
-
-
-def size_field(doc: str = "") -> Any:
-    """An optional [h, w] size in pixels; an int in YAML or ``--set`` means a square."""
-    return field(default=None, metadata={"each": Range(32), "lengths": (2,), "size": True, "doc": doc})
 
 
 # -- model -------------------------------------------------------------------------------------------
@@ -102,6 +43,7 @@ class ModelConfig:
     norm_eps: Optional[float] = number(None, POSITIVE)  # None = the preset's
     norm_momentum: Optional[float] = number(None, FRACTION)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (CUDA)
+    in_channels: int = number(3, AT_LEAST_ONE)  # image bands (1 = grayscale, 4 = RGB + NIR, ...); ImageNet stems adapted
 
 
 @dataclass
@@ -111,6 +53,9 @@ class ClassificationModelConfig(ModelConfig):
 
 @dataclass
 class SegmentationHeadConfig:
+    # smp's modes: multiclass (softmax over C classes, index masks), binary (one sigmoid channel, masks 0/1),
+    # multilabel (C sigmoid channels, a 0/1 mask per class)
+    mode: str = choice("multiclass", "multiclass", "binary", "multilabel")
     head: str = choice("unet", "unet", "bifpn")  # bifpn: EfficientDet's BiFPN over P2.. with a per-pixel classifier
     decoder_channels: list[int] = numbers([256, 128, 64, 32, 16], AT_LEAST_ONE, length=5)
     attention: Optional[str] = choice(None, None, "scse")
@@ -185,10 +130,16 @@ class DataConfig:
     # checked before the first training step, both splits: quick (labels and annotation files, cheap), full
     # (every file, what `effdense data check` does) or off
     check: str = choice("quick", "full", "quick", "off")
-    mean: list[float] = numbers(list(IMAGENET_MEAN), FRACTION, length=3,
-                                doc=f"one per RGB channel, 0..1 pixel scale, e.g. ImageNet {list(IMAGENET_MEAN)}")
-    std: list[float] = numbers(list(IMAGENET_STD), FRACTION_ABOVE_ZERO, length=3,
-                               doc=f"one per RGB channel, 0..1 pixel scale, e.g. ImageNet {list(IMAGENET_STD)}")
+    # How pixel values become 0..1 before mean/std: range (data.input_range, the dtype's for 8-bit images)
+    # or percentile (each image between its data.percentiles, stardist's convention)
+    normalize: str = choice("range", "range", "percentile")
+    input_range: Optional[list[float]] = numbers(None, ANY_NUMBER, length=2,
+                                                 doc="[lo, hi] pixel values that map to 0..1, e.g. [0, 4095] for 12-bit")
+    percentiles: list[float] = numbers([1.0, 99.8], Range(0, 100), length=2)
+    mean: list[float] = numbers(list(IMAGENET_MEAN), FRACTION,
+                                doc=f"one per band (model.in_channels), 0..1 pixel scale, e.g. ImageNet {list(IMAGENET_MEAN)}")
+    std: list[float] = numbers(list(IMAGENET_STD), FRACTION_ABOVE_ZERO,
+                               doc=f"one per band (model.in_channels), 0..1 pixel scale, e.g. ImageNet {list(IMAGENET_STD)}")
 
 
 @dataclass
@@ -224,6 +175,15 @@ class SegmentationEvalConfig:
     stride: Optional[list[int]] = size_field()  # slide: step [h, w] (null = 2/3 of the window)
     flip: bool = False  # TTA: average with the h-flipped prediction
     scales: list[float] = numbers([1.0], POSITIVE)  # TTA: multi-scale (resize factors)
+    threshold: float = number(0.5, OPEN_UNIT)  # binary / multilabel: a pixel is the class when its sigmoid > this
+
+
+@dataclass
+class TileConfig:
+    """Training on tiles of large images at their native resolution (aerial photos, slides)."""
+
+    size: Optional[int] = number(None, Range(32))  # tile side in pixels; null: off (whole images, resized)
+    overlap: float = number(0.2, FRACTION_BELOW_ONE)  # of the tile side, between neighbouring tiles
 
 
 @dataclass
@@ -232,6 +192,7 @@ class SegmentationDataConfig(DataConfig):
     root: str = "data/cityscapes"
     ignore_index: int = number(255, NON_NEGATIVE)
     class_names: Optional[list[str]] = None  # maskfolder: names for the per-class table (null = 0..C-1)
+    tile: TileConfig = field(default_factory=TileConfig)
     augment: SegmentationAugmentConfig = field(default_factory=SegmentationAugmentConfig)
     eval: SegmentationEvalConfig = field(default_factory=SegmentationEvalConfig)
 
@@ -245,8 +206,10 @@ class DetectionAugmentConfig:
 
 @dataclass
 class DetectionDataConfig(DataConfig):
-    format: str = choice("coco", "coco")
+    # coco: a COCO json + images; voc: Pascal VOC XML; yolo: images/<split> + labels/<split>/*.txt
+    format: str = choice("coco", "coco", "voc", "yolo")
     root: str = "data/coco"
+    class_names: Optional[list[str]] = None  # voc / yolo: the classes in label order (yolo: else data.yaml's names)
     # null: the COCO layout, <root>/annotations/instances_<split>.json and images in <root>/<split>/
     train_annotations: Optional[str] = None
     val_annotations: Optional[str] = None
@@ -256,6 +219,7 @@ class DetectionDataConfig(DataConfig):
     # contiguous: the sorted category ids are labels 0..K-1 (80 for COCO); category_id: label = id - 1
     # with max(id) classes (90 for COCO), the layout of effdet's / TF's COCO checkpoints
     label_map: str = choice("contiguous", "contiguous", "category_id")
+    tile: TileConfig = field(default_factory=TileConfig)
     augment: DetectionAugmentConfig = field(default_factory=DetectionAugmentConfig)
 
 
@@ -294,7 +258,12 @@ class ClassificationLossConfig:
 @dataclass
 class SegmentationLossConfig:
     # The loss is the weighted sum of these terms (0 = off); each is logged by name.
-    cross_entropy: float = number(1.0, NON_NEGATIVE)
+    cross_entropy: float = number(1.0, NON_NEGATIVE)  # multiclass mode; binary / multilabel use bce
+    bce: float = number(0.0, NON_NEGATIVE)  # binary / multilabel: binary cross-entropy with logits
+    pos_weight: Optional[list[float]] = numbers(None, POSITIVE)  # bce: weight of the positives, one per channel
+    tversky: float = number(0.0, NON_NEGATIVE)  # smp.losses.TverskyLoss
+    tversky_alpha: float = number(0.5, NON_NEGATIVE)  # its false-positive weight
+    tversky_beta: float = number(0.5, NON_NEGATIVE)  # its false-negative weight
     dice: float = number(0.0, NON_NEGATIVE)  # smp.losses.DiceLoss (multiclass)
     lovasz: float = number(0.0, NON_NEGATIVE)  # smp.losses.LovaszLoss
     focal: float = number(0.0, NON_NEGATIVE)  # smp.losses.FocalLoss

@@ -21,7 +21,7 @@ from heads.anchors import AnchorGenerator, match_anchors
 from heads.efficientdet import EfficientDet, EfficientDetPreset, efficientdet_preset
 
 from tasks.config.schema import IMAGENET_MEAN, IMAGENET_STD
-from tasks.engine.normalize import PixelNormalization
+from tasks.engine.normalize import PixelNormalization, pixel_options
 
 from .loss import BOX_LOSS_WEIGHT, FOCAL_ALPHA, FOCAL_GAMMA, HUBER_DELTA, detection_loss
 from .postprocess import PostProcess, postprocess
@@ -138,7 +138,7 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
                    drop_path: float | None = None, backbone_norm_eps: float | None = None,
                    backbone_norm_momentum: float | None = None, nms: str = "hard", nms_iou: float = 0.5,
                    soft_nms_sigma: float = 0.5, max_candidates: int = 5000, max_detections: int = 100,
-                   score_threshold: float = 0.0, preset: EfficientDetPreset | None = None,
+                   score_threshold: float = 0.0, preset: EfficientDetPreset | None = None, in_channels: int = 3,
                    **options) -> EfficientDetector:
     """An EfficientDet by name (``efficientdet-d0`` .. ``-d7x``, ``tf_efficientdet_d*``, ``efficientdet_d*``,
     or ``efficientdet`` with a free ``phi``) with ``num_classes`` classes.
@@ -168,6 +168,8 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
     if preset.backbone_phi is not None:
         backbone_options["phi"] = preset.backbone_phi
     backbone_options.update(dict(preset.backbone_options))
+    if in_channels != 3:  # the stem takes the bands (ImageNet backbone_weights: the stem adapted)
+        backbone_options["in_channels"] = in_channels
     backbone = backbones.create(preset.backbone, out_indices=(2, 3, 4), padding=padding,
                                 drop_path=preset.drop_path if drop_path is None else drop_path, **backbone_options)
     if backbone_weights is not None:
@@ -294,6 +296,8 @@ def build_model(cfg) -> DetectionTask:
         name, options = "efficientdet", {"preset": detector_row(m)}
     else:
         name, options = detector_name(m), {}
+    if m.in_channels != 3:
+        options["in_channels"] = m.in_channels
     if m.norm_eps is not None:
         options["backbone_norm_eps"] = m.norm_eps
     if m.norm_momentum is not None:
@@ -314,5 +318,5 @@ def build_model(cfg) -> DetectionTask:
 
         cat_ids, _, names = category_maps(read_annotation_file(annotation_file)["categories"], cfg.data.label_map,
                                           annotation_file)
-    return DetectionTask(net, mean=cfg.data.mean, std=cfg.data.std, annotation_file=str(annotation_file),
+    return DetectionTask(net, **pixel_options(cfg), annotation_file=str(annotation_file),
                          class_names=names, cat_ids=cat_ids, label_map=cfg.data.label_map)

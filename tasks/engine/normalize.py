@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["PixelNormalization"]
+__all__ = ["PixelNormalization", "pixel_options"]
 
 
 class PixelNormalization(nn.Module):
@@ -29,3 +29,8 @@ class PixelNormalization(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """A new float32 tensor; ``images`` is never written to."""
         return (images.to(torch.float32) - self.pixel_mean).mul_(self.pixel_scale)
+
+
+def pixel_options(cfg) -> dict:
+    """The :class:`PixelNormalization` arguments a config gives (every task module's builder passes them on)."""
+    return {"mean": cfg.data.mean, "std": cfg.data.std}

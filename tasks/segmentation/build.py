@@ -17,6 +17,7 @@ from heads.bifpn_seg import (DEFAULT_LEVELS, TAP_LEVELS, BiFPNSegDecoder, BiFPNS
 from heads.unet import AuxClassificationHead, SegmentationHead, UNetDecoder
 
 from tasks.config.scaling import backbone_spec, bifpn_size, decoder_widths
+from tasks.engine.normalize import pixel_options
 
 from . import smp as smp_interop
 from .inference import inference_options
@@ -188,6 +189,8 @@ def build_model(cfg) -> SegmentationTask:
     for key in ("norm_eps", "norm_momentum"):
         if getattr(m, key) is not None:
             options[key] = getattr(m, key)
+    if m.in_channels != 3:  # the stem takes the bands; ImageNet stems are adapted, not re-initialised
+        options["in_channels"] = m.in_channels
     # Left unset, an smp checkpoint's flavour decides these (stem s2 tap, TF padding); set, they must agree.
     if m.padding != "symmetric":
         options["padding"] = m.padding
@@ -204,5 +207,5 @@ def build_model(cfg) -> SegmentationTask:
                                  ohem_min_kept=loss.ohem_min_kept, aux_weight=loss.aux_weight,
                                  focal_gamma=loss.focal_gamma)
     names, categories = dataset_classes(cfg)
-    return SegmentationTask(net, class_names=names, mean=cfg.data.mean, std=cfg.data.std, criterion=criterion,
+    return SegmentationTask(net, class_names=names, **pixel_options(cfg), criterion=criterion,
                             ignore_index=cfg.data.ignore_index, categories=categories, **inference_options(cfg))

@@ -101,7 +101,8 @@ def test_a_pinned_image_size_wins_over_the_backbone():
 def test_model_scale_names_the_b_number():
     cfg = C.load(IMAGENET, ["model.scale=3"])
     assert C.resolve_image_size(cfg) == (300, 300)  # B3's published resolution
-    assert "model.scale='9' names no backbone (efficientnet-b9)" in load_error(IMAGENET, "model.scale=9")
+    assert "model.scale='9' must be one of: null, 0, 1, 2, 3, 4, 5, 6, 7 (the published rows; any other size is model.phi" \
+        in load_error(IMAGENET, "model.scale=9")
 
 
 def test_sections_of_another_task_are_refused_naming_their_task():
@@ -165,7 +166,7 @@ def test_wrong_type_names_key_value_and_expected_type(override, expected):
     ("data.image_size=16", "data.image_size=[16, 16]: each value must be >= 32"),
     ("data.image_size=[1,2,3]", "data.image_size=[1, 2, 3] must have [height, width]"),
     ("data.std=[0.2,0.0,0.2]", "data.std=[0.2, 0.0, 0.2]: each value must be in (0, 1]"),
-    ("data.mean=[0.5,0.5]", "data.mean=[0.5, 0.5] must have 3 values"),
+    ("data.mean=[0.5,0.5]", "data.mean=[0.5, 0.5] has 2 values; expected one per band, model.in_channels=3"),
     ("data.mean=[123.7,116.3,103.5]", "0..1 pixel scale"),
     ("train.amp=fp8", "train.amp='fp8' must be one of: none, bf16, fp16"),
     ("optim.name=adam", "optim.name='adam' must be one of: sgd, rmsprop, rmsprop_tf, adamw"),
