@@ -197,7 +197,7 @@ def cmd_budget(args) -> int:
     try:
         run_command(cfg, latency_ms=args.latency_ms, memory_gb=args.memory_gb, min_throughput=args.min_throughput,
                     scales=args.scales or (), phis=args.phis or (), search=args.search, fit_batch=args.fit_batch,
-                    out_dir=args.output, runs=args.runs, device=args.device)
+                    out_dir=args.output, runs=args.runs, device=args.device, max_phi=args.max_phi)
     finally:
         torch.set_num_threads(threads)  # main() may be called from a longer-lived process (tests, notebooks)
     return 0
@@ -291,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = data_sub.add_parser("check", help="scan a config's dataset and list every problem")
     _add_config_args(c)
     c.set_defaults(func=cmd_data)
+    c = data_sub.add_parser("convert", help="convert a detection dataset (coco, voc, yolo) into another format",
+                            description="Write a detection dataset's splits in another format into a new folder "
+                                        "(images copied; an existing, non-empty folder is refused).")
+    c.add_argument("source_format", choices=("voc", "yolo", "coco"), metavar="{voc,yolo,coco}",
+                   help="the format of SRC")
+    c.add_argument("src", help="the dataset's root folder")
+    c.add_argument("--to", required=True, choices=("coco", "yolo", "voc"), help="the format to write")
+    c.add_argument("-o", "--output", required=True, metavar="DST", help="the new folder (must not hold anything)")
+    c.add_argument("--splits", nargs="+", help="the splits to convert (default: every split found)")
+    c.add_argument("--class-names", nargs="+", help="voc/yolo source: the classes in label order (default: "
+                                                    "yolo's data.yaml names, voc's sorted object names)")
+    c.set_defaults(func=cmd_data)
     c = data_sub.add_parser("cityscapes-trainids", help="write *_gtFine_labelTrainIds.png beside every labelIds PNG",
                             description="Write the 19-class train-id masks (255 = ignore) once, as cityscapesScripts' "
                                         "createTrainIdLabelImgs does; training then reads them directly.")
@@ -331,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scales to measure, by `effdense backbones` names (efficientnet-b0 ...) or efficientdet-d0 ...")
     p.add_argument("--phis", nargs="+", type=float, metavar="PHI", help="free compound coefficients to measure")
     p.add_argument("--search", choices=["phi"], help="bisect phi (to 0.05) for the largest model within the limits")
+    p.add_argument("--max-phi", type=float, metavar="PHI",
+                   help="with --search phi: the largest phi tried (default 8, the largest published row)")
     p.add_argument("--fit-batch", action="store_true", help="also find the largest training batch (CUDA)")
     p.add_argument("--runs", type=int, help="timed runs per measurement (default: device-dependent)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's train.device)")

@@ -1,5 +1,6 @@
 """``effdense data``: write a synthetic dataset, check a config's dataset (and what it needs besides the
-files: the device, the model), or write Cityscapes' train-id masks once."""
+files: the device, the model), convert a detection dataset between coco, voc and yolo, or write
+Cityscapes' train-id masks once."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ def cmd_data(args) -> int:
         written = write_train_ids(args.root, overwrite=args.overwrite)
         print(f"wrote {written} *_gtFine_labelTrainIds.png files under {Path(args.root) / 'gtFine'}")
         return 0
+    if args.data_command == "convert":
+        from tasks.data.convert import convert
+
+        for line in convert(args.source_format, args.src, args.to, args.output, args.splits, args.class_names):
+            print(line)
+        print(f"wrote {args.to} data converted from {args.source_format} ({args.src}) to {args.output}")
+        return 0
     if args.data_command == "synth":
         formats = formats_for(args.task)
         name = args.format or formats[0]
@@ -34,7 +42,12 @@ def cmd_data(args) -> int:
         print(f"wrote a synthetic {args.task} dataset ({name}: {FORMATS[name].layout}) to {root}")
         return 0
     cfg = load(args.config, args.set or [])
-    problems = setup_problems(cfg) + check_dataset(cfg, progress=True)
+    from tasks.data.check import image_census
+
+    census = image_census(cfg, progress=True)  # per split: the images' dtype, bands, values; one depth per dataset
+    for line in census.lines():
+        print(line)
+    problems = list(dict.fromkeys(setup_problems(cfg) + census.problems + check_dataset(cfg, progress=True)))
     for line in problems:
         print(line)
     print(f"{len(problems)} problem(s) found" if problems else "no problems found")

@@ -23,8 +23,10 @@ def run_demo(task: str = "classification", output: str | None = None, overrides:
     from tasks.data import FORMATS, build_loaders
     from tasks.engine import Trainer, TrainingInterrupted
 
-    cfg = load(registry.get(task).demo_preset, list(overrides))
-    root = FORMATS[cfg.data.format].synth(cfg.data.root)
+    row = registry.get(task)
+    cfg = load(row.demo_preset, [*row.demo_overrides(list(overrides)), *overrides])
+    data_format = FORMATS[cfg.data.format]
+    root = data_format.synth(cfg.data.root, **data_format.demo_options(cfg))
     print(f"synthetic dataset: {root}")
     if output:
         out = Path(output)

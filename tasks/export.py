@@ -234,6 +234,10 @@ def prepare(model: nn.Module, example_input: torch.Tensor, *, include_normalizat
     ``example_input`` is what the graph takes (uint8 with ``include_normalization``)."""
     if postprocess not in POSTPROCESS:
         raise ExportError(f"postprocess={postprocess!r} is not one of {', '.join(POSTPROCESS)}")
+    if include_normalization and getattr(model, "percentiles", None) is not None:
+        raise ExportError(f"{_model_name(model)} scales each image between its own percentiles "
+                          f"(data.normalize=percentile), which the graph cannot hold; export with --float-input and "
+                          f"scale the images before the graph, or train with data.input_range")
     net, mean, std = _unwrap(model, mean, std)
     net.eval()
     reference, names = _wrap(net, postprocess)

@@ -39,6 +39,7 @@ class Task:
     scales: ScaleFamily  # the named scales, their published accuracy and how budget measures them
     summary_keys: tuple[str, ...]  # the resolved sizes `effdense backbones --task` shows per scale
     demo_preset: str  # a shipped preset name (tasks.config.presets)
+    demo_overrides: Callable = lambda overrides: []  # (the user's --set list) -> what the demo data needs first
 
     @property
     def formats(self) -> list[str]:
@@ -61,7 +62,7 @@ _add(Task("classification", ClassificationConfig, classification.build_model, cl
           classification_scale.SUMMARY_KEYS, "demo/classification"))
 _add(Task("segmentation", SegmentationConfig, segmentation.build_model, segmentation.predict,
           segmentation_scale.describe_scale, segmentation_scale.example_batch, segmentation_scale.SCALES,
-          segmentation_scale.SUMMARY_KEYS, "demo/segmentation"))
+          segmentation_scale.SUMMARY_KEYS, "demo/segmentation", segmentation.demo_overrides))
 _add(Task("detection", DetectionConfig, detection.build_model, detection.predict,
           detection_scale.describe_scale, detection_scale.example_batch, detection_scale.SCALES,
           detection_scale.SUMMARY_KEYS, "demo/detection"))

@@ -20,25 +20,44 @@ def _accuracy_label(task: str) -> str:
     return get(task).scales.metric
 
 
+def row_status(row) -> str:
+    """'fits', 'over: latency', 'oom (out of memory ...)', 'skipped (needs ~X GB ...)'; for measured rows
+    also the batches lowered on the CPU ('fits; step at b16 (b128 needs ~19.6 GB, 17.9 GB free)')."""
+    m = row.measurement
+    if m.status == "ok":
+        status = "fits" if row.fits else "over: " + ", ".join(LIMIT_LABELS[k] for k in row.violations)
+        return status + (f"; {m.note}" if m.note else "")
+    return m.status + (f" ({m.note})" if m.note else "")
+
+
+def _batch_cell(value, batch, header_batch, digits: int, width: int) -> str:
+    """The number, with ``@bN`` when it was measured at another batch than the column's."""
+    if value is None or batch in (None, header_batch):
+        return _number(value, digits, width)
+    return f"{f'{value:.{digits}f}@b{batch}':>{width}}"
+
+
 def format_table(result) -> str:
     """One line per scale; ``*`` marks the chosen one; the notes say what stops the next scale."""
     rows = result.rows
-    eval_batch = next((r.measurement.extra.get("eval_batch") for r in rows if r.measurement.extra), "?")
-    train_batch = next((r.measurement.extra.get("train_batch") for r in rows if r.measurement.extra), "?")
-    header = (f"  {'scale':<20}{'input':>10}{'params(M)':>10}{'GMACs':>9}{'ms@b1':>9}{f'img/s@b{eval_batch}':>12}"
-              f"{f'step ms@b{train_batch}':>14}{'peak GB':>9}{_accuracy_label(result.task):>10}  status")
+    extras = [r.measurement.extra for r in rows if r.measurement.extra.get("config_eval_batch")
+              or r.measurement.extra.get("eval_batch")]
+    eval_batch = next((e.get("config_eval_batch", e.get("eval_batch")) for e in extras), "?")
+    train_batch = next((e.get("config_train_batch", e.get("train_batch")) for e in extras), "?")
+    on_cuda = result.device == "cuda"  # CPU: the step per image (its batch may be lowered to fit, see the status)
+    header = (f"  {'scale':<20}{'input':>10}{'params(M)':>10}{'GMACs':>9}{'ms@b1':>9}{f'img/s@b{eval_batch}':>14}"
+              f"{f'step ms@b{train_batch}' if on_cuda else 'train ms/img':>16}{'peak GB':>9}"
+              f"{_accuracy_label(result.task):>10}  status")
     lines = [header, "-" * len(header)]
     for index, row in enumerate(rows):
         m = row.measurement
         mark = "*" if index == result.chosen else " "
-        if m.status == "ok":
-            status = "fits" if row.fits else "over: " + ", ".join(LIMIT_LABELS[k] for k in row.violations)
-        else:
-            status = m.status + (f" ({m.note})" if m.note else "")
         size = f"{row.image_size[0]}x{row.image_size[1]}"
+        training = (_batch_cell(m.train_step_ms, m.extra.get("train_batch"), train_batch, 1, 16) if on_cuda
+                    else _number(m.train_ms_per_image, 1, 16))
         lines.append(f"{mark} {row.scale.label:<20}{size:>10}{_number(m.params_m, 2, 10)}{_number(m.gmacs, 2)}"
-                     f"{_number(m.latency_ms)}{_number(m.throughput, 1, 12)}{_number(m.train_step_ms, 1, 14)}"
-                     f"{_number(m.peak_memory_gb, 2)}{_number(row.accuracy, 1, 10)}  {status}")
+                     f"{_number(m.latency_ms)}{_batch_cell(m.throughput, m.extra.get('eval_batch'), eval_batch, 1, 14)}"
+                     f"{training}{_number(m.peak_memory_gb, 2)}{_number(row.accuracy, 1, 10)}  {row_status(row)}")
     limits = ", ".join(f"{LIMIT_LABELS[k]} {v:g}" for k, v in result.limits.given().items()) or "none"
     lines.append(f"device {result.device}; limits: {limits}")
     if result.chosen is not None:
@@ -46,7 +65,8 @@ def format_table(result) -> str:
         override = " ".join(f"--set {arg}" for arg in chosen.set_args)
         lines.append(f"chosen: {chosen.scale.label} ({override}); stopped by: {result.stopped_by}")
     if result.device != "cuda":
-        lines.append("peak GB: measured on CUDA only (n/a on CPU)")
+        lines.append("peak GB: measured on CUDA only (n/a on CPU); train ms/img: a training step over its batch; "
+                     "@bN: img/s measured at batch N (the status says why)")
     return "\n".join(lines)
 
 
@@ -60,7 +80,7 @@ def to_json(result) -> dict:
                      "violations": {k: {"value": v, "limit": lim, "times_over": over}
                                     for k, (v, lim, over) in row.violations.items()}})
     chosen = result.rows[result.chosen] if result.chosen is not None else None
-    return {"task": result.task, "device": result.device,
+    return {"task": result.task, "device": result.device, "complete": getattr(result, "complete", True),
             "device_name": torch.cuda.get_device_name() if result.device == "cuda" and torch.cuda.is_available()
             else "cpu", "torch": torch.__version__, "limits": result.limits.given(), "settings": result.settings,
             "accuracy_metric": _accuracy_label(result.task),
@@ -69,8 +89,8 @@ def to_json(result) -> dict:
 
 
 def plot(result, path: str | Path) -> Path:
-    """Latency at batch 1 and peak training memory (training step time on CPU) per scale, the limits as
-    dashed lines, the chosen scale highlighted and the published accuracy written beside each point."""
+    """Latency at batch 1 and peak training memory (training time per image on CPU) per scale, the limits
+    as dashed lines, the chosen scale highlighted and the published accuracy written beside each point."""
     from matplotlib.figure import Figure  # Agg through a bare Figure, as tasks.engine.runlog does
 
     rows = result.rows
@@ -78,8 +98,8 @@ def plot(result, path: str | Path) -> Path:
     positions = list(range(len(rows)))
     memory_on = result.device == "cuda"
     panels = [("latency_ms", "latency at batch 1 (ms)", result.limits.latency_ms),
-              ("peak_memory_gb" if memory_on else "train_step_ms",
-               "peak training memory (GB)" if memory_on else "training step (ms)",
+              ("peak_memory_gb" if memory_on else "train_ms_per_image",
+               "peak training memory (GB)" if memory_on else "training time per image (ms)",
                result.limits.memory_gb if memory_on else None)]
     figure = Figure(figsize=(5.5 * len(panels), 4))
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.18, top=0.88, wspace=0.25)

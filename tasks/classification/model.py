@@ -52,8 +52,8 @@ class ClassificationTask(PixelNormalization):
     primary_metric = "top1"
 
     def __init__(self, net: Classifier, mean=IMAGENET_MEAN, std=IMAGENET_STD, label_smoothing: float = 0.0,
-                 class_names: list[str] | None = None):
-        super().__init__(mean, std)  # normalisation on the device, on uint8 input
+                 class_names: list[str] | None = None, **pixel):
+        super().__init__(mean, std, **pixel)  # normalisation on the device (pixel: input_range / percentiles)
         self.net = net
         self.class_names = class_names  # stored with the weights; predict reads them back
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

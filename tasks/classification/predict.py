@@ -32,7 +32,7 @@ def predict(cfg, model, paths: list[str], out: str | None = None, topk: int = 5,
     ``predictions-1.json``, ``-2``... when that name is taken (an existing file is never overwritten;
     the printed line names the file written)."""
     from tasks.config import resolve_image_size
-    from tasks.data.images import read_rgb
+    from tasks.data.images import image_options, read_image
     from tasks.data.transforms.classification import classification_eval_transform
 
     model.eval()
@@ -41,7 +41,7 @@ def predict(cfg, model, paths: list[str], out: str | None = None, topk: int = 5,
     transform = classification_eval_transform(cfg.data.augment, resolve_image_size(cfg))
     results = []
     for path in paths:
-        image = transform(read_rgb(path)).unsqueeze(0).to(device)
+        image = transform(read_image(path, **image_options(cfg))).unsqueeze(0).to(device)
         probs = model(image).float().softmax(dim=1)[0]
         top = probs.topk(min(topk, probs.numel()))
         labels = [{"label": classes[i], "index": int(i), "prob": round(float(p), 5)}

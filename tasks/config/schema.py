@@ -67,6 +67,7 @@ class SegmentationHeadConfig:
     output_stride: int = choice(32, 32, 16, 8)  # < 32: the deepest stages dilated instead of strided
     aux_head: bool = False  # multi-label class-presence head on s32 (loss.aux_weight)
     aux_dropout: float = number(0.2, FRACTION_BELOW_ONE)
+    fcn_aux: bool = False  # an FCN auxiliary head on the stride-16 tap (mmseg's), weighted by loss.fcn_aux_weight
     # How model.weights was laid out when it came from smp: null = detected from its keys (a file we saved
     # from an smp model needs it again): effdense | smp (efficientnet-bN) | smp-timm | smp-tu
     flavour: Optional[str] = choice(None, None, "effdense", "smp", "smp-timm", "smp-tu")
@@ -107,7 +108,7 @@ class DetectionHeadConfig:
 class DetectionModelConfig(ModelConfig):
     task: str = choice("detection", "classification", "segmentation", "detection")
     num_classes: int = number(90, AT_LEAST_ONE)
-    scale: Optional[str] = choice(None, None, *NAMED_B, "7x", doc=BEYOND_THE_TABLE)
+    scale: Optional[str] = choice(None, None, *NAMED_B, "7x", *(f"lite{i}" for i in range(5)), doc=BEYOND_THE_TABLE)
     detection: DetectionHeadConfig = field(default_factory=DetectionHeadConfig)
 
 
@@ -121,7 +122,10 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     image_size: Optional[list[int]] = size_field()  # [h, w] training input (an int = square); null = the task's native
-    batch_size: int = number(64, AT_LEAST_ONE)  # per process
+    batch_size: int = number(64, AT_LEAST_ONE)  # per process, at most (one forward)
+    # the batch of one optimizer step over every process; each process's share is split into micro-batches of
+    # at most data.batch_size (gradient accumulation) so the recipe is the same on 1 or 64 GPUs; null: off
+    global_batch_size: Optional[int] = number(None, AT_LEAST_ONE)
     eval_batch_size: Optional[int] = number(None, AT_LEAST_ONE)  # None = batch_size
     workers: int = number(8, NON_NEGATIVE)
     pin_memory: bool = True
@@ -148,7 +152,12 @@ class ClassificationAugmentConfig:
     scale_min: float = number(0.08, FRACTION_ABOVE_ZERO)  # RandomResizedCrop lower scale bound
     randaugment: bool = True
     randaugment_ops: int = number(2, NON_NEGATIVE)
-    randaugment_magnitude: int = number(9, Range(0, 30))  # RandAugment's 31 magnitude bins
+    randaugment_magnitude: int = number(9, Range(0, 10))  # on TF's scale (0..10, the papers' M), as timm's rand-m9
+    autoaugment: bool = False  # the EfficientNet paper's AutoAugment policy (in place of RandAugment)
+    random_erasing: float = number(0.0, FRACTION)  # probability per image (timm's reprob)
+    interpolation: str = choice("bicubic", "bicubic", "bilinear")  # resizing, train and eval
+    mixup: float = number(0.0, NON_NEGATIVE)  # Mixup's Beta(alpha, alpha); 0: off
+    cutmix: float = number(0.0, NON_NEGATIVE)  # CutMix's Beta(alpha, alpha); 0: off (with both, one per batch)
     eval_crop_pct: float = number(0.875, FRACTION_ABOVE_ZERO)  # resize to size / crop_pct, then centre-crop size
 
 
@@ -163,7 +172,8 @@ class SegmentationAugmentConfig:
     hflip: float = number(0.5, FRACTION)
     scale_min: float = number(0.5, POSITIVE)  # random rescale of the image before the crop
     scale_max: float = number(2.0, POSITIVE)
-    photometric: bool = True  # brightness / contrast / saturation / hue jitter
+    photometric: bool = True  # mmseg's PhotoMetricDistortion: each op with p 0.5, random order
+    cat_max_ratio: float = number(1.0, FRACTION_ABOVE_ZERO)  # crops where one class covers more are re-drawn (mmseg: 0.75)
 
 
 @dataclass
@@ -273,6 +283,7 @@ class SegmentationLossConfig:
     ohem_thresh: float = number(0.7, OPEN_UNIT)
     ohem_min_kept: int = number(100_000, AT_LEAST_ONE)
     aux_weight: float = number(0.4, NON_NEGATIVE)  # the aux head's presence loss (when model.segmentation.aux_head)
+    fcn_aux_weight: float = number(0.4, NON_NEGATIVE)  # the FCN auxiliary head's loss (model.segmentation.fcn_aux)
 
 
 @dataclass
@@ -298,6 +309,9 @@ class TrainConfig:
     clip_grad: Optional[float] = number(None, POSITIVE)  # max gradient norm
     ema: bool = False
     ema_decay: float = number(0.9999, OPEN_UNIT)
+    # the global batch ema_decay was tuned at; at another batch B the decay per step is ema_decay ** (B / this)
+    # (one decay per image, timm's rule); null: ema_decay as it is
+    ema_reference_batch: Optional[int] = number(None, AT_LEAST_ONE)
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates (TF, timm)
     seed: int = number(0, NON_NEGATIVE)  # initialisation, data order and augmentation
     deterministic: bool = False
@@ -309,6 +323,23 @@ class TrainConfig:
     run_name: Optional[str] = None  # None = run-<timestamp>
     overwrite: bool = False  # reuse a run directory that holds another run's files (they are replaced)
     progress: bool = True  # tqdm bars on rank 0
+
+
+@dataclass
+class ProgressiveConfig:
+    """EfficientNetV2's progressive learning (Tan & Le 2021, Table 6): training in ``stages`` equal parts, image
+    size and regularisation rising together from the first value to the second of each pair (null: constant)."""
+
+    stages: int = number(1, AT_LEAST_ONE)  # 1: off
+    image_size: Optional[list[int]] = numbers(None, Range(32), length=2)  # [first, last] square sides
+    randaugment: Optional[list[int]] = numbers(None, Range(0, 10), length=2)  # magnitudes
+    dropout: Optional[list[float]] = numbers(None, FRACTION_BELOW_ONE, length=2)
+    mixup: Optional[list[float]] = numbers(None, NON_NEGATIVE, length=2)
+
+
+@dataclass
+class ClassificationTrainConfig(TrainConfig):
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
 @dataclass
@@ -336,6 +367,7 @@ class ClassificationConfig(Config):
     model: ClassificationModelConfig = field(default_factory=ClassificationModelConfig)
     data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
     loss: ClassificationLossConfig = field(default_factory=ClassificationLossConfig)
+    train: ClassificationTrainConfig = field(default_factory=ClassificationTrainConfig)
 
     def native_image_size(self) -> list[int]:
         size = backbone_at_model(self.model)[2]  # B0 224 ... B7 600 (paper, Table 1), interpolated between

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tasks.data.images import reading_images
 from tasks.data.seg_common import MaskError, Pair, PairedSegmentationDataset, PairListing, PairReader, check_pairs, read_mask
 
 __all__ = ["CityscapesLabel", "LABELS", "CLASS_NAMES", "CATEGORIES", "TRAIN_ID_COLORS", "LABEL_TO_TRAIN_ID",
@@ -170,13 +171,15 @@ class CityscapesDataset(PairedSegmentationDataset):
 
 
 def check_cityscapes(root: str | Path, splits: Sequence[str] = ("train", "val"), workers: int = 4,
-                     progress: bool = False, sample: int | None = None) -> list[str]:
+                     progress: bool = False, sample: int | None = None, image_options: dict | None = None) -> list[str]:
     """Every problem of a Cityscapes tree (missing folders, unpaired files, unreadable or invalid masks, a
     split whose masks hold no train id). ``sample=k`` loads an evenly spaced ``k`` pairs per split (quick
-    check, see :func:`tasks.data.seg_common.check_pairs`), else every pair."""
+    check, see :func:`tasks.data.seg_common.check_pairs`), else every pair. ``image_options``: how the
+    images are read (``bands``/``scaled``, :func:`tasks.data.images.image_options`; default 8-bit RGB)."""
     problems = []
     for split in splits:
-        problems += check_pairs(CityscapesReader(), list_cityscapes(root, split), workers, progress,
+        problems += check_pairs(reading_images(CityscapesReader(), image_options), list_cityscapes(root, split),
+                                workers, progress,
                                 desc=f"checking {split}", sample=sample, where=Path(root) / "gtFine" / split)
     return list(dict.fromkeys(problems))  # a missing root is reported once
 

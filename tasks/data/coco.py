@@ -11,14 +11,17 @@ Bad records are one-line :class:`CocoFormatError` / :class:`BadAnnotationError` 
 file and the record (``on_bad_sample="skip"`` drops the annotation, or skips the image, counts and
 logs it instead). The rules the json must satisfy
 (and their error classes, re-exported here) live in :mod:`tasks.data.coco_check`; :func:`check_coco`
-applies them all to a split (``effdense data check``).
+applies them all to a split (``effdense data check``). Pascal VOC and YOLO splits are read into the same
+COCO dicts (:class:`SplitAnnotations`, see :mod:`tasks.data.convert`) and served by this dataset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +31,14 @@ from torch.utils.data import Dataset
 from tasks.data.coco_check import (LAYOUT, REQUIRED, BadAnnotationError, CocoFormatError, annotation_problem,
                                    boxes_problem, classes_problem, finite_number, read_annotation_file)
 from tasks.data.errors import DataError
-from tasks.data.images import UnreadableImageError, read_rgb
+from tasks.data.images import ImageReader, UnreadableImageError, read_image
 
 log = logging.getLogger("effdense")
 
 __all__ = ["LAYOUT", "REQUIRED", "LABEL_MAPS", "CocoFormatError", "BadAnnotationError", "MissingImageError",
            "CocoDetection", "coco_paths", "annotation_paths", "read_annotation_file", "category_maps",
-           "classes_problem", "annotation_problem", "boxes_problem", "clipped_xyxy", "build_coco", "check_coco"]
+           "classes_problem", "annotation_problem", "boxes_problem", "clipped_xyxy", "build_coco", "check_coco",
+           "SplitAnnotations", "header_size", "image_problems"]
 
 ON_BAD_SAMPLE_CHOICES = ("error", "skip")
 
@@ -104,15 +108,65 @@ def build_coco(data: dict):
     return coco
 
 
+@dataclass
+class SplitAnnotations:
+    """One split of another format (Pascal VOC, YOLO) read into memory as a COCO dict.
+
+    ``data``: COCO's ``images`` (``id``, ``file_name`` relative to ``image_dir``, ``width``, ``height``),
+    ``annotations`` (``bbox`` [x, y, w, h] in 0-based pixels, ``area``, ``iscrowd``) and ``categories``
+    (``id`` = class index + 1, ``name``); ``path`` names the split in messages (an ImageSets file, a labels
+    folder); ``sources`` maps an image id to the file that describes it (its XML, its label txt);
+    ``problems``: one line per bad record, already left out of ``data``.
+    """
+
+    data: dict
+    image_dir: Path
+    path: Path
+    sources: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return [c["name"] for c in sorted(self.data["categories"], key=lambda c: c["id"])]
+
+    def to_coco(self) -> dict:
+        """A copy of the COCO dict (for pycocotools, a json, the converter)."""
+        return copy.deepcopy(self.data)
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header (nothing decoded), None when it is not a readable image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return int(image.width), int(image.height)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        pass
+    from tasks.data.images import decode
+
+    try:  # what Pillow cannot open (multi-band or float TIFFs): decoded
+        return tuple(int(v) for v in reversed(decode(path).shape[-2:]))
+    except DataError:
+        return None
+
+
 class CocoDetection(Dataset):
-    """Samples ``(uint8 image (3, H, W), target)``; ``target`` = ``boxes`` (n, 4) float32 xyxy, ``labels``
+    """Samples ``(image (C, H, W) in its file's dtype, target)`` (``image_options``: ``read_image``'s
+    ``bands``/``scaled``, :func:`tasks.data.images.image_options` of a config; default 8-bit RGB);
+    ``target`` = ``boxes`` (n, 4) float32 xyxy, ``labels``
     (n,) int64 in 0..C-1, ``iscrowd`` (n,) bool, ``image_id`` (the json's id), and after ``transform``
     (``(image, target) -> (image, target)``) also ``orig_size``, ``scale``, ``offset`` in input pixels.
+
+    ``data``: the annotation dict already in memory (another format converted, see
+    :class:`SplitAnnotations`); ``annotation_file`` then only names it in messages, and ``sources``
+    (image id -> file) names the file each image comes from.
     """
 
     def __init__(self, root: str | Path | None = None, split: str = "train", transform=None, *,
                  annotation_file: str | Path | None = None, image_dir: str | Path | None = None,
-                 max_instances: int = 100, on_bad_sample: str = "error", label_map: str = "contiguous"):
+                 max_instances: int = 100, on_bad_sample: str = "error", label_map: str = "contiguous",
+                 data: dict | None = None, sources: dict | None = None, image_options: dict | None = None):
         if on_bad_sample not in ON_BAD_SAMPLE_CHOICES:
             raise ValueError(f"data.on_bad_sample={on_bad_sample!r} must be one of: {', '.join(ON_BAD_SAMPLE_CHOICES)}")
         if annotation_file is None or image_dir is None:
@@ -123,7 +177,8 @@ class CocoDetection(Dataset):
         self.annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
         self.split, self.transform, self.on_bad_sample = split, transform, on_bad_sample
         self.max_instances = int(max_instances)
-        data = read_annotation_file(self.annotation_file)
+        data = read_annotation_file(self.annotation_file) if data is None else data
+        self.sources = dict(sources or {})
         if not self.image_dir.is_dir():
             raise DataError(f"{self.image_dir}: image folder not found (for {self.annotation_file}); expected COCO "
                             f"layout {LAYOUT}")
@@ -131,6 +186,8 @@ class CocoDetection(Dataset):
         self.cat_ids, self.cat_to_label, self.classes = category_maps(data["categories"], label_map,
                                                                       self.annotation_file)
         self.images = sorted(data["images"], key=lambda im: im["id"])
+        first = self.image_dir / self.images[0]["file_name"] if self.images else None
+        self.read = ImageReader(**(image_options or {}), reference=first)
         self._index_annotations(data)
         self.bad_samples: list[Path] = []
 
@@ -211,12 +268,13 @@ class CocoDetection(Dataset):
 
     def _read(self, index: int, path: Path) -> torch.Tensor:
         record = self.images[index]
+        listed_in = self.sources.get(record["id"], self.annotation_file)
         if not path.is_file():
-            raise MissingImageError(f"{path}: listed in {self.annotation_file} (image id {record['id']}) but not "
+            raise MissingImageError(f"{path}: listed in {listed_in} (image id {record['id']}) but not "
                                     f"found; expected the image under {self.image_dir}")
-        image = read_rgb(path)
+        image = self.read(path)
         if tuple(image.shape[-2:]) != (int(record["height"]), int(record["width"])):
-            raise UnreadableImageError(f"{path}: is {image.shape[-1]}x{image.shape[-2]} but {self.annotation_file} "
+            raise UnreadableImageError(f"{path}: is {image.shape[-1]}x{image.shape[-2]} but {listed_in} "
                                        f"(image id {record['id']}) says {record['width']}x{record['height']}; "
                                        f"expected the annotated size")
         return image
@@ -225,14 +283,15 @@ class CocoDetection(Dataset):
 def check_coco(root: str | Path | None = None, split: str = "train", *, annotation_file: str | Path | None = None,
                image_dir: str | Path | None = None, decode: bool = True, workers: int = 4,
                progress: bool = False, num_classes: int | None = None, label_map: str = "contiguous",
-               sample: int | None = None) -> list[str]:
+               sample: int | None = None, image_options: dict | None = None) -> list[str]:
     """Every problem in one COCO split, one line each ([] when clean): the json (not json, missing keys,
     duplicate ids), a class count other than ``num_classes`` (when given, under ``label_map``), each bad
     annotation (outside the image, negative size, unknown category or image id), boxes given as
     [x1, y1, x2, y2] when that is obvious, a split without a single usable box (some images without
     boxes only log a warning with their count), images listed but missing, unreadable or of another
     size. ``decode=False`` only checks that the images exist; ``sample=k`` decodes an evenly spaced
-    ``k`` of them (all are still checked to exist); ``workers`` threads decode, ``progress`` shows a bar."""
+    ``k`` of them (all are still checked to exist); ``workers`` threads decode (``image_options``: as
+    :class:`CocoDetection`'s), ``progress`` shows a bar."""
     if annotation_file is None or image_dir is None:
         default_ann, default_dir = coco_paths(root, split)
         annotation_file, image_dir = annotation_file or default_ann, image_dir or default_dir
@@ -276,29 +335,35 @@ def check_coco(root: str | Path | None = None, split: str = "train", *, annotati
         from tasks.data.seg_common import evenly_spaced
 
         decoded = {id(record) for record in evenly_spaced(data["images"], sample)}
-    problems += _image_problems(annotation_file, image_dir, data["images"], decode, workers, progress, decoded)
+    problems += image_problems(annotation_file, image_dir, data["images"], decode, workers, progress, decoded,
+                               image_options=image_options)
     return problems
 
 
-def _image_problems(annotation_file: Path, image_dir: Path, records: list, decode: bool, workers: int,
-                    progress: bool, decoded: set | None = None) -> list[str]:
+def image_problems(annotation_file: Path, image_dir: Path, records: list, decode: bool, workers: int,
+                   progress: bool, decoded: set | None = None, sources: dict | None = None, *,
+                   image_options: dict | None = None) -> list[str]:
     """Each listed image that is missing, or (when ``decode``; only those in ``decoded``, a set of
-    ``id(record)``, when given) unreadable or of another size than its record says."""
+    ``id(record)``, when given) unreadable or of another size than its record says. ``sources``: image id
+    -> the file that lists it (else ``annotation_file``); ``image_options``: ``read_image``'s ``bands``/``scaled``."""
     from concurrent.futures import ThreadPoolExecutor
+
+    sources = sources or {}
 
     def problem(record: dict) -> str | None:
         path = image_dir / record["file_name"]
+        listed_in = sources.get(record["id"], annotation_file)
         if not path.is_file():
-            return (f"{path}: listed in {annotation_file} (image id {record['id']}) but not found; expected the "
+            return (f"{path}: listed in {listed_in} (image id {record['id']}) but not found; expected the "
                     f"image under {image_dir}")
         if not decode or (decoded is not None and id(record) not in decoded):
             return None
         try:
-            image = read_rgb(path)
+            image = read_image(path, **(image_options or {}))
         except UnreadableImageError as error:
             return str(error)
         if tuple(image.shape[-2:]) != (int(record["height"]), int(record["width"])):
-            return (f"{path}: is {image.shape[-1]}x{image.shape[-2]} but {annotation_file} "
+            return (f"{path}: is {image.shape[-1]}x{image.shape[-2]} but {listed_in} "
                     f"(image id {record['id']}) says {record['width']}x{record['height']}")
         return None
 

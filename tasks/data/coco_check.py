@@ -1,7 +1,8 @@
 """The rules a COCO annotation file must satisfy, each broken rule one line naming the file and the record.
 
 :func:`read_annotation_file` (JSON, top-level keys, record fields, unique image/annotation/category
-ids: pycocotools indexes each by id and would silently keep one), :func:`annotation_problem` (one
+ids: pycocotools indexes each by id and would silently keep one; :func:`validate_annotations` applies
+the same rules to a dict already in memory), :func:`annotation_problem` (one
 annotation's image, category and box), :func:`boxes_problem` (a split needs at least one usable box;
 some images without boxes only warn, with their count) and :func:`classes_problem`.
 :mod:`tasks.data.coco` re-exports these names; its dataset (:class:`~tasks.data.coco.CocoDetection`)
@@ -21,7 +22,7 @@ from tasks.data.errors import DataError
 log = logging.getLogger("effdense")
 
 __all__ = ["LAYOUT", "REQUIRED", "CocoFormatError", "BadAnnotationError", "read_annotation_file", "annotation_problem",
-           "boxes_problem", "classes_problem", "finite_number"]
+           "boxes_problem", "classes_problem", "finite_number", "validate_annotations"]
 
 LAYOUT = "<root>/annotations/instances_<split>.json + <root>/<split>/*.jpg"
 KINDS = {"image": "images", "annotation": "annotations", "category": "categories"}
@@ -58,6 +59,13 @@ def read_annotation_file(path: str | Path) -> dict:
                               f"expected a COCO annotation file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise CocoFormatError(f"{path}: cannot read the annotation file ({error}); expected a COCO json") from None
+    return validate_annotations(data, path)
+
+
+def validate_annotations(data, path: str | Path) -> dict:
+    """``data`` (a json's content, or a COCO dict built in memory) checked for COCO's top-level keys, record
+    fields and unique image, annotation and category ids; ``path`` names it in the one-line
+    :class:`CocoFormatError`. Returns ``data``."""
     if not isinstance(data, dict):
         raise CocoFormatError(f"{path}: holds a JSON {type(data).__name__}, expected an object with images, "
                               f"annotations and categories")

@@ -2,7 +2,8 @@
 check`` and ``effdense data synth``. Adding a format is one row here and one module beside this one.
 
 A row gives the task the format feeds, ``dataset(cfg, split, train)`` (a map-style dataset of
-``(uint8 image (3, H, W), target)`` samples), the ``collate(cfg, train)`` function for its batches (None:
+``(image (C, H, W), target)`` samples: C = ``model.in_channels``, uint8 for 8-bit files; read with
+:func:`tasks.data.images.image_options` of the config), the ``collate(cfg, train)`` function for its batches (None:
 torch's default stacking), ``check(cfg, workers=, progress=)`` (every problem, one line each) and
 ``synth(root, seed=, **options)`` (a small dataset in exactly this layout).
 """
@@ -17,6 +18,7 @@ from tasks.config import Config, resolve_image_size
 
 from tasks.data.errors import DataError
 from tasks.data.imagefolder import ImageFolderDataset, class_mismatch, list_split, num_classes_problem
+from tasks.data.images import ImageReader, image_options
 from tasks.data.transforms.classification import classification_eval_transform, classification_train_transform
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class DataFormat:
     check: Callable  # (cfg, workers=4, progress=False) -> list[str]
     synth: Callable  # (root, seed=0, **options) -> Path
     collate: Callable = lambda cfg, train: None  # (cfg, train: bool) -> collate_fn or None (default stacking)
+    demo_options: Callable = lambda cfg: {}  # (cfg) -> the synth options the demo writes this config's data with
 
 # -- imagefolder (classification) -------------------------------------------------------------------
 
@@ -35,7 +38,7 @@ def _imagefolder_dataset(cfg: Config, split: str, train: bool) -> ImageFolderDat
     size = resolve_image_size(cfg)
     augment = cfg.data.augment
     transform = classification_train_transform(augment, size) if train else classification_eval_transform(augment, size)
-    dataset = ImageFolderDataset(cfg.data.root, split, transform, cfg.data.on_bad_sample)
+    dataset = ImageFolderDataset(cfg.data.root, split, transform, cfg.data.on_bad_sample, image_options(cfg))
     if train:  # the label of a class is its index among the sorted folder names: both splits must agree
         mismatch = class_mismatch(dataset.listing, list_split(cfg.data.root, cfg.data.val_split))
         if mismatch:
@@ -72,24 +75,35 @@ def _cityscapes_dataset(cfg: Config, split: str, train: bool):
     if cfg.model.num_classes != NUM_CLASSES:
         raise DataError(f"model.num_classes={cfg.model.num_classes} but Cityscapes has {NUM_CLASSES} train ids; "
                         f"set model.num_classes={NUM_CLASSES}")
-    return CityscapesDataset(cfg.data.root, split, _segmentation_transform(cfg, train), cfg.data.on_bad_sample)
+    return _read_images(CityscapesDataset(cfg.data.root, split, _segmentation_transform(cfg, train),
+                                          cfg.data.on_bad_sample), cfg)
 
 def _maskfolder_dataset(cfg: Config, split: str, train: bool):
     from tasks.data.maskfolder import MaskFolderDataset
 
-    return MaskFolderDataset(cfg.data.root, split, cfg.model.num_classes, _segmentation_transform(cfg, train),
-                             cfg.data.on_bad_sample, cfg.data.ignore_index, cfg.data.class_names)
+    return _read_images(MaskFolderDataset(cfg.data.root, split, cfg.model.num_classes,
+                                          _segmentation_transform(cfg, train), cfg.data.on_bad_sample,
+                                          cfg.data.ignore_index, cfg.data.class_names,
+                                          mode=cfg.model.segmentation.mode), cfg)
+
+def _read_images(dataset, cfg: Config):
+    """A paired dataset whose images are read with the config's bands and scaling, one depth per split."""
+    dataset.reader.image_reader = ImageReader(**image_options(cfg), reference=dataset.pairs[0].image)
+    return dataset
 
 def _check_cityscapes(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
     from tasks.data.cityscapes import check_cityscapes
 
-    return check_cityscapes(cfg.data.root, (cfg.data.train_split, cfg.data.val_split), workers, progress)
+    return check_cityscapes(cfg.data.root, (cfg.data.train_split, cfg.data.val_split), workers, progress,
+                            image_options=image_options(cfg))
 
 def _check_maskfolder(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
     from tasks.data.maskfolder import check_maskfolder
 
     return check_maskfolder(cfg.data.root, cfg.model.num_classes, cfg.data.ignore_index,
-                            (cfg.data.train_split, cfg.data.val_split), workers, progress)
+                            (cfg.data.train_split, cfg.data.val_split), workers, progress,
+                            mode=cfg.model.segmentation.mode, class_names=cfg.data.class_names,
+                            image_options=image_options(cfg))
 
 def _synth_cityscapes(root: str | Path, seed: int = 0, **options) -> Path:
     from tasks.data.synthetic.segmentation import write_cityscapes
@@ -110,15 +124,15 @@ def _segmentation_collate_for(cfg: Config, train: bool):
 
 def _coco_dataset(cfg: Config, split: str, train: bool):
     from tasks.data.coco import CocoDetection, annotation_paths, classes_problem
-    from tasks.data.transforms.detection import DetectionEvalTransform, DetectionTrainTransform
+    from tasks.data.transforms.detection import DetectionEvalTransform, DetectionTrainTransform, mean_fill
 
-    size, augment = resolve_image_size(cfg), cfg.data.augment
-    transform = (DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip) if train
-                 else DetectionEvalTransform(size))
+    size, augment, fill = resolve_image_size(cfg), cfg.data.augment, mean_fill(cfg)
+    transform = (DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip, fill) if train
+                 else DetectionEvalTransform(size, fill))
     annotation_file, image_dir = annotation_paths(cfg, split, train)
     dataset = CocoDetection(cfg.data.root, split, transform, annotation_file=annotation_file, image_dir=image_dir,
                             max_instances=cfg.data.max_instances, on_bad_sample=cfg.data.on_bad_sample,
-                            label_map=cfg.data.label_map)
+                            label_map=cfg.data.label_map, image_options=image_options(cfg))
     if dataset.num_classes != cfg.model.num_classes:
         raise DataError(classes_problem(annotation_file, dataset.num_classes, cfg.model.num_classes,
                                         cfg.data.label_map))
@@ -137,13 +151,39 @@ def _check_coco(cfg: Config, workers: int = 4, progress: bool = False) -> list[s
         annotation_file, image_dir = annotation_paths(cfg, split, train)
         problems += check_coco(cfg.data.root, split, annotation_file=annotation_file, image_dir=image_dir,
                                workers=workers, progress=progress, num_classes=cfg.model.num_classes,
-                               label_map=cfg.data.label_map)
+                               label_map=cfg.data.label_map, image_options=image_options(cfg))
     return problems
 
 def _synth_coco(root: str | Path, seed: int = 0, **options) -> Path:
     from tasks.data.synthetic.detection import write_coco
 
     return write_coco(root, seed=seed, **options)
+
+# -- voc and yolo (detection): read into COCO dicts, same dataset, transforms and evaluation ------------
+
+def _converted_dataset(cfg: Config, split: str, train: bool):
+    from tasks.data.convert import converted_dataset
+    from tasks.data.transforms.detection import DetectionEvalTransform, DetectionTrainTransform
+
+    size, augment = resolve_image_size(cfg), cfg.data.augment
+    transform = (DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip) if train
+                 else DetectionEvalTransform(size))
+    return converted_dataset(cfg, split, transform)
+
+def _check_converted(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
+    from tasks.data.convert import check_converted
+
+    return check_converted(cfg, workers=workers, progress=progress)
+
+def _synth_voc(root: str | Path, seed: int = 0, **options) -> Path:
+    from tasks.data.convert import synth_converted
+
+    return synth_converted("voc", root, seed=seed, **options)
+
+def _synth_yolo(root: str | Path, seed: int = 0, **options) -> Path:
+    from tasks.data.convert import synth_converted
+
+    return synth_converted("yolo", root, seed=seed, **options)
 
 FORMATS: dict[str, DataFormat] = {}
 
@@ -158,14 +198,24 @@ _add(DataFormat(name="cityscapes", task="segmentation",
                 layout="leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/<split>/<city>/*_gtFine_labelIds.png",
                 dataset=_cityscapes_dataset, check=_check_cityscapes, synth=_synth_cityscapes,
                 collate=_segmentation_collate_for))
+def _maskfolder_demo_options(cfg: Config) -> dict:
+    return {"mode": cfg.model.segmentation.mode}  # binary: 0/1 road masks; multilabel: 3 per-class PNGs
+
 _add(DataFormat(name="maskfolder", task="segmentation",
                 layout="images/<split>/*.jpg|png + masks/<split>/*.png (same stem, index masks)",
                 dataset=_maskfolder_dataset, check=_check_maskfolder, synth=_synth_maskfolder,
-                collate=_segmentation_collate_for))
+                collate=_segmentation_collate_for, demo_options=_maskfolder_demo_options))
 
 _add(DataFormat(name="coco", task="detection",
                 layout="annotations/instances_<split>.json + <split>/*.jpg (or any COCO json + image folder)",
                 dataset=_coco_dataset, check=_check_coco, synth=_synth_coco, collate=_coco_collate))
+_add(DataFormat(name="voc", task="detection",
+                layout="ImageSets/Main/<split>.txt + Annotations/<id>.xml + JPEGImages/<id>.jpg "
+                       "(Pascal VOC; or <split>/*.xml beside the images)",
+                dataset=_converted_dataset, check=_check_converted, synth=_synth_voc, collate=_coco_collate))
+_add(DataFormat(name="yolo", task="detection",
+                layout="images/<split>/*.jpg + labels/<split>/*.txt (class cx cy w h, normalised) + data.yaml names",
+                dataset=_converted_dataset, check=_check_converted, synth=_synth_yolo, collate=_coco_collate))
 
 def formats_for(task: str) -> list[str]:
     """The format names that feed ``task``."""

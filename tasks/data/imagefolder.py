@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tasks.data.errors import DataError
-from tasks.data.images import IMAGE_EXTENSIONS, UnreadableImageError, read_rgb
+from tasks.data.images import IMAGE_EXTENSIONS, ImageReader, UnreadableImageError
 
 log = logging.getLogger("effdense")
 
@@ -76,14 +76,19 @@ def _few(names: list[str], limit: int = 5) -> str:
 
 
 class ImageFolderDataset(Dataset):
-    """Samples ``(uint8 tensor (3, H, W), int label)`` from ``root/split/<class>/*``.
+    """Samples ``(image tensor (C, H, W), int label)`` from ``root/split/<class>/*``.
+
+    ``image_options``: :func:`tasks.data.images.read_image`'s ``bands``/``scaled`` (from a config:
+    :func:`tasks.data.images.image_options`); default 8-bit RGB. Images keep their file's dtype (uint8 for
+    8-bit files); an image of another dtype than the split's first one is an error naming both.
 
     ``on_bad_sample="skip"`` replaces an unreadable image by the next readable one (wrapping around),
     logs a warning naming the file, and records it in ``bad_samples`` (per process: each DataLoader
     worker keeps its own list; ``tasks.data.check_dataset`` is the full scan).
     """
 
-    def __init__(self, root: str | Path, split: str, transform: Callable | None = None, on_bad_sample: str = "error"):
+    def __init__(self, root: str | Path, split: str, transform: Callable | None = None, on_bad_sample: str = "error",
+                 image_options: dict | None = None):
         if on_bad_sample not in ON_BAD_SAMPLE_CHOICES:
             raise ValueError(f"data.on_bad_sample={on_bad_sample!r} must be one of: {', '.join(ON_BAD_SAMPLE_CHOICES)}")
         listing = list_split(root, split)
@@ -98,6 +103,7 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.on_bad_sample = on_bad_sample
         self.bad_samples: list[Path] = []
+        self.read = ImageReader(**(image_options or {}), reference=self.samples[0][0] if self.samples else None)
 
     @property
     def num_classes(self) -> int:
@@ -122,7 +128,7 @@ class ImageFolderDataset(Dataset):
             if path in self.bad_samples:
                 continue
             try:
-                return read_rgb(path), label
+                return self.read(path), label
             except UnreadableImageError as error:
                 if self.on_bad_sample == "error":
                     raise

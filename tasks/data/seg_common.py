@@ -1,7 +1,9 @@
 """What the segmentation formats share: reading images and index masks, the paired-sample dataset, collate.
 
 A sample is ``(uint8 image (3, H, W), target)`` with ``target = {"mask": int64 (H, W), "image_id": str,
-"orig_size": (h, w)}`` (train ids / class indices, ``ignore_index`` = 255 by default). Batches: see
+"orig_size": (h, w)}`` (train ids / class indices, ``ignore_index`` = 255 by default). In smp's sigmoid
+modes (``model.segmentation.mode``) the mask holds 0/1 (and ``ignore_index``): (H, W) in binary mode,
+(C, H, W) -- one channel per class -- in multilabel mode. Batches: see
 :func:`collate_segmentation` (train: ``{"masks"}``; eval: ``{"masks", "image_size", "orig_size",
 "image_id"}``, the contract of ``tasks.segmentation_eval``).
 """
@@ -25,10 +27,14 @@ from tasks.data.imagefolder import ON_BAD_SAMPLE_CHOICES
 
 log = logging.getLogger("effdense")
 
-__all__ = ["MaskError", "Pair", "PairListing", "PairReader", "read_image", "read_mask", "PairedSegmentationDataset",
-           "collate_segmentation", "segmentation_collate", "check_pairs", "evenly_spaced"]
+__all__ = ["MaskError", "Pair", "PairListing", "PairReader", "read_image", "read_mask", "read_mask_stack",
+           "PairedSegmentationDataset", "collate_segmentation", "segmentation_collate", "check_pairs", "evenly_spaced",
+           "SEGMENTATION_MODES", "STACK_EXTENSIONS"]
 
+TABLE_IGNORE = 255  # what label tables (Cityscapes' 34 -> 19) map void ids to
 MASK_MODES = ("L", "P", "1", "I;16", "I;16L", "I;16B", "I")
+SEGMENTATION_MODES = ("multiclass", "binary", "multilabel")  # smp's modes (model.segmentation.mode)
+STACK_EXTENSIONS = (".npy", ".tif", ".tiff")  # one file holding a (C, H, W) multilabel mask
 
 
 class MaskError(DataError):
@@ -38,8 +44,9 @@ class MaskError(DataError):
 @dataclass(frozen=True)
 class Pair:
     image: Path
-    mask: Path
+    mask: Path  # the mask file (multilabel PNGs: the first class's file, named in messages)
     image_id: str
+    masks: tuple[Path, ...] = ()  # multilabel, one PNG per class: every class's file, in class order
 
 
 @dataclass
@@ -52,8 +59,11 @@ class PairListing:
 
 
 def read_mask(path: str | Path) -> torch.Tensor:
-    """An index mask as int64 (H, W): 8-bit, 16-bit or palette PNG (palette indices, not colours)."""
+    """An index mask as int64 (H, W): 8-bit, 16-bit or palette PNG (palette indices, not colours), or a one-page
+    8- or 16-bit TIFF (microscopy labels)."""
     path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _read_tiff_mask(path)
     try:
         with Image.open(path) as image:
             mode = image.mode
@@ -68,6 +78,46 @@ def read_mask(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int64))
 
 
+def _read_tiff_mask(path: Path) -> torch.Tensor:
+    import tifffile
+
+    try:
+        array = tifffile.imread(path)
+    except Exception as error:  # tifffile raises many kinds for a damaged file
+        raise MaskError(f"{path}: not a readable TIFF mask (corrupt or truncated?): {error}") from None
+    array = array.squeeze()
+    if array.ndim != 2 or array.dtype.kind not in "ub":
+        raise MaskError(f"{path}: mask is a {array.dtype} array of shape {list(array.shape)}; expected one page of "
+                        f"integer class indices (H, W)")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def read_mask_stack(path: str | Path) -> torch.Tensor:
+    """A multilabel mask in one file as int64 (C, H, W): ``.npy`` (bool or integer array) or a multi-page TIFF
+    (one page per class; needs ``tifffile``)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            try:
+                import tifffile
+            except ImportError:
+                raise DataError(f"{path}: reading TIFF masks needs the tifffile package; install it "
+                                f"(pip install tifffile) or save the masks as .npy (C, H, W)") from None
+            array = tifffile.imread(path)
+    except DataError:
+        raise
+    except (OSError, ValueError) as error:
+        raise MaskError(f"{path}: not a readable mask (corrupt or truncated?): {error}") from None
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)):
+        raise MaskError(f"{path}: mask array is {array.dtype} of shape {tuple(array.shape)}; expected an integer or "
+                        f"bool (C, H, W) array of 0/1, one channel per class")
+    return torch.from_numpy(array.astype(np.int64))
+
+
 def _few(values) -> str:
     values = [int(v) for v in values]
     return ", ".join(map(str, values[:8])) + (f" (+{len(values) - 8} more)" if len(values) > 8 else "")
@@ -78,23 +128,63 @@ class PairReader:
 
     ``label_map``: an int64 lookup table (raw mask value -> label; -1 = not allowed), or None for
     masks that already hold class indices (values must be < ``num_classes`` or ``ignore_index``).
+    ``mode``: ``multiclass`` (class indices), ``binary`` (one 0/1 mask) or ``multilabel`` ((C, H, W) 0/1:
+    ``pair.masks``, one index PNG per class, or one ``.npy`` / TIFF stack); 0/1 masks take no label map.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, label_map: torch.Tensor | None = None,
-                 label_help: str = ""):
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+                 label_help: str = "", mode: str = "multiclass"):
+        if mode not in SEGMENTATION_MODES:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(SEGMENTATION_MODES)}")
+        if mode != "multiclass" and ignore_index in (0, 1):
+            raise ValueError(f"ignore_index={ignore_index} is a {mode} mask value; expected a value other than 0 "
+                             f"and 1, e.g. 255")
+        self.num_classes, self.ignore_index, self.mode = num_classes, ignore_index, mode
         self.label_map, self.label_help = label_map, label_help
 
     def table(self, mask_path: Path) -> tuple[torch.Tensor | None, str]:
         """The lookup table for this mask file and what its values should be (per file: Cityscapes)."""
         return self.label_map, self.label_help
 
+    def read_labels(self, pair: Pair) -> torch.Tensor:
+        """The pair's mask as validated labels: (H, W), or (C, H, W) in multilabel mode."""
+        if self.mode != "multilabel":
+            return self.to_labels(read_mask(pair.mask), pair.mask)
+        if pair.masks:
+            raws = [read_mask(path) for path in pair.masks]
+            for path, raw in zip(pair.masks[1:], raws[1:]):
+                if raw.shape != raws[0].shape:
+                    raise MaskError(f"{path}: mask is {raw.shape[1]}x{raw.shape[0]} but {pair.masks[0].name} is "
+                                    f"{raws[0].shape[1]}x{raws[0].shape[0]} (WxH); expected one size per image")
+            return torch.stack([self.to_labels(raw, path) for raw, path in zip(raws, pair.masks)])
+        raw = read_mask_stack(pair.mask)
+        if raw.shape[0] != self.num_classes:
+            raise MaskError(f"{pair.mask}: mask has {raw.shape[0]} channels; expected one per class "
+                            f"(model.num_classes={self.num_classes}), shaped (C, H, W)")
+        return self.to_labels(raw, pair.mask)
+
+    # (path) -> image: read_image with the config's bands and scaling (a tasks.data.images.ImageReader, set by
+    # the format table); None: read_image's defaults (8-bit RGB)
+    image_reader: Callable | None = None
+
     def load(self, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
-        image, raw = read_image(pair.image), read_mask(pair.mask)
-        if tuple(raw.shape) != tuple(image.shape[-2:]):
-            raise MaskError(f"{pair.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {pair.image.name} is "
-                            f"{image.shape[-1]}x{image.shape[-2]} (WxH); expected the same size")
-        return image, self.to_labels(raw, pair.mask)
+        image, labels = (self.image_reader or read_image)(pair.image), self.read_labels(pair)
+        if tuple(labels.shape[-2:]) != tuple(image.shape[-2:]):
+            raise MaskError(f"{pair.mask}: mask is {labels.shape[-1]}x{labels.shape[-2]} but its image "
+                            f"{pair.image.name} is {image.shape[-1]}x{image.shape[-2]} (WxH); expected the same size")
+        return image, labels
+
+    def expected(self) -> str:
+        """What the mask values should be, for messages."""
+        if self.mode == "multiclass":
+            return f"class indices 0..{self.num_classes - 1} or ignore_index={self.ignore_index}"
+        return f"0 (background) or 1 (the class) or ignore_index={self.ignore_index} (mode={self.mode})"
+
+    def labelled(self, labels: torch.Tensor) -> bool:
+        """Whether ``labels`` holds a pixel that counts (a class; 0 or 1 in the sigmoid modes)."""
+        if self.mode != "multiclass":
+            return bool(((labels == 0) | (labels == 1)).any())
+        return bool(((labels >= 0) & (labels < self.num_classes)).any())
 
     def to_labels(self, raw: torch.Tensor, path: Path) -> torch.Tensor:
         label_map, label_help = self.table(path)
@@ -106,11 +196,15 @@ class PairReader:
             if bad.any():
                 raise MaskError(f"{path}: label values {_few(raw[bad].unique())} are not in the label table; "
                                 f"expected {label_help}")
+            if self.ignore_index != TABLE_IGNORE:  # the table's void is the configured ignore value
+                labels[labels == TABLE_IGNORE] = self.ignore_index
             return labels
-        bad = ((raw < 0) | (raw >= self.num_classes)) & (raw != self.ignore_index)
+        top = self.num_classes if self.mode == "multiclass" else 2
+        bad = ((raw < 0) | (raw >= top)) & (raw != self.ignore_index)
         if bad.any():
-            raise MaskError(f"{path}: label values {_few(raw[bad].unique())} are >= num_classes={self.num_classes}; "
-                            f"expected class indices 0..{self.num_classes - 1} or ignore_index={self.ignore_index}")
+            what = (f"are neither a class (0..{self.num_classes - 1}) nor data.ignore_index ({self.ignore_index})"
+                    if self.mode == "multiclass" else "are not 0/1")
+            raise MaskError(f"{path}: label values {_few(raw[bad].unique())} {what}; expected {self.expected()}")
         return raw
 
 
@@ -185,7 +279,7 @@ def check_pairs(reader: PairReader, listing: PairListing, workers: int = 4, prog
             _, labels = reader.load(pair)
         except (UnreadableImageError, MaskError) as error:
             return str(error), None
-        return None, _labelled(reader, labels)
+        return None, reader.labelled(labels)
 
     results = _map(load, chosen, workers, progress, desc)
     problems += [problem for problem, _ in results if problem is not None]
@@ -214,10 +308,6 @@ def evenly_spaced(items: list, count: int | None) -> list:
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
-def _labelled(reader: PairReader, labels: torch.Tensor) -> bool:
-    return bool(((labels >= 0) & (labels < reader.num_classes)).any())
-
-
 def _map(function: Callable, items: list, workers: int, progress: bool = False, desc: str = "") -> list:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -236,7 +326,7 @@ def _find_labelled(reader: PairReader, pairs: list[Pair], workers: int) -> tuple
 
     def read(pair: Pair) -> tuple[str | None, bool]:
         try:
-            return None, _labelled(reader, reader.to_labels(read_mask(pair.mask), pair.mask))
+            return None, reader.labelled(reader.read_labels(pair))
         except MaskError as error:
             return str(error), False
 
@@ -258,14 +348,14 @@ def _mask_folder(pairs: list[Pair]) -> Path:
 def _no_labels_problem(reader: PairReader, pairs: list[Pair], where: str | Path) -> str:
     table = " after the label table" if reader.table(pairs[0].mask)[0] is not None else ""
     return (f"'{where}': no labelled pixel in any of its {len(pairs)} masks (every pixel is "
-            f"ignore_index={reader.ignore_index}{table}); expected class labels 0..{reader.num_classes - 1} in "
+            f"ignore_index={reader.ignore_index}{table}); expected {reader.expected().split(' or ignore')[0]} in "
             f"at least some pixels: training would learn nothing (loss 0) and evaluation would have nothing to score")
 
 
 def collate_segmentation(batch: Sequence[tuple[torch.Tensor, dict]], train: bool = True, ignore_index: int = 255):
     """Stack a batch, padding images (0) and masks (``ignore_index``) bottom/right to the largest size.
 
-    Train: ``(images uint8 (N, 3, H, W), {"masks": int64 (N, H, W)})``. Eval: the masks (at original
+    Train: ``(images uint8 (N, 3, H, W), {"masks": int64 (N, H, W)})`` (multilabel: (N, C, H, W)). Eval: the masks (at original
     resolution) plus ``image_size`` (valid h, w of each image on the canvas), ``orig_size`` and ``image_id``.
     """
     images = [image for image, _ in batch]
@@ -275,9 +365,9 @@ def collate_segmentation(batch: Sequence[tuple[torch.Tensor, dict]], train: bool
     for i, image in enumerate(images):
         canvas[i, :, : image.shape[-2], : image.shape[-1]] = image
     mh, mw = max(m.shape[-2] for m in masks), max(m.shape[-1] for m in masks)
-    stacked = torch.full((len(masks), mh, mw), ignore_index, dtype=torch.int64)
+    stacked = torch.full((len(masks), *masks[0].shape[:-2], mh, mw), ignore_index, dtype=torch.int64)
     for i, mask in enumerate(masks):
-        stacked[i, : mask.shape[-2], : mask.shape[-1]] = mask
+        stacked[i, ..., : mask.shape[-2], : mask.shape[-1]] = mask
     if train:
         return canvas, {"masks": stacked}
     return canvas, {

@@ -13,6 +13,7 @@ ground-truth box, where COCOeval would give a row of -1). ``save(dir)`` then wri
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from tasks.data.coco import build_coco, category_maps, read_annotation_file
+from tasks.data.coco_check import validate_annotations
 from tasks.data.errors import DataError
 from tasks.data.transforms.detection import unletterbox_boxes
 from tasks.engine.distributed import broadcast_object, gather_objects
@@ -47,12 +49,20 @@ class GroundTruth:
     label_map: str = "contiguous"
 
 
-def load_ground_truth(path: str | os.PathLike, label_map: str = "contiguous") -> GroundTruth:
+def load_ground_truth(path: str | os.PathLike | dict, label_map: str = "contiguous", name: str | None = None
+                      ) -> GroundTruth:
     """Read ``path`` (one-line errors as the dataset's, duplicate annotation ids included: pycocotools would
     index only one of each and score perfect detections below 1) and fill the optional fields COCOeval needs
     (``area`` = w * h, ``iscrowd`` = 0) where a custom json omits them. ``label_map``: how the model's
-    labels map to the json's category ids (``data.label_map``; see ``tasks.data.coco.category_maps``)."""
-    data = read_annotation_file(path)
+    labels map to the json's category ids (``data.label_map``; see ``tasks.data.coco.category_maps``).
+
+    ``path`` may also be a COCO dict in memory (another format converted, e.g. ``SplitAnnotations.to_coco()``
+    of a VOC or YOLO split): checked by the same rules, then a copy is indexed; ``name`` names it in messages."""
+    if isinstance(path, dict):
+        source = name or "the in-memory annotations"
+        data, path = validate_annotations(copy.deepcopy(path), source), source
+    else:
+        data = read_annotation_file(path)
     for ann in data["annotations"]:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
@@ -67,7 +77,7 @@ class CocoEvaluator:
     primary_metric = "mAP"
     higher_is_better = True
 
-    def __init__(self, ground_truth: GroundTruth | str | os.PathLike, post: PostProcess | None = None):
+    def __init__(self, ground_truth: GroundTruth | str | os.PathLike | dict, post: PostProcess | None = None):
         self.gt = ground_truth if isinstance(ground_truth, GroundTruth) else load_ground_truth(ground_truth)
         self.post = post
         # The last compute() on rank 0 (what save() writes): the detection rows, the stats, the image count.

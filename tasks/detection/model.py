@@ -10,7 +10,7 @@ wraps it for the engine: uint8 images in, normalised on the device, a COCO evalu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -201,7 +201,9 @@ class DetectionTask(PixelNormalization):
     Train mode: ``forward(images, targets)`` -> ``{"class_loss", "box_loss"}``; eval mode:
     ``forward(images)`` -> detections in input pixels (the evaluator maps them to the original image
     with each target's ``scale``/``offset``). ``annotation_file`` is the evaluation split's COCO json
-    (the engine writes the evaluator's ``detections.json`` into the run directory); ``class_names`` and
+    (the engine writes the evaluator's ``detections.json`` into the run directory); ``ground_truth`` instead
+    gives it as a COCO dict, or a function returning one (a VOC or YOLO split converted in memory, read at the
+    first evaluation; ``ground_truth_name`` names it in messages); ``class_names`` and
     ``cat_ids`` (label -> the json's category id) label what ``tasks.detection.predict`` draws and writes;
     ``label_map`` (``data.label_map``) is how the evaluator maps labels to the json's ids.
     """
@@ -211,10 +213,12 @@ class DetectionTask(PixelNormalization):
     def __init__(self, net: EfficientDetector, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  annotation_file: str | None = None,
                  class_names: Sequence[str] | None = None, cat_ids: Sequence[int] | None = None,
-                 label_map: str = "contiguous"):
-        super().__init__(mean, std)  # normalisation on the device, on uint8 input
+                 label_map: str = "contiguous", ground_truth: Callable[[], dict] | dict | None = None,
+                 ground_truth_name: str | None = None, **pixel):
+        super().__init__(mean, std, **pixel)  # normalisation on the device (pixel: input_range / percentiles)
         self.net = net
         self.annotation_file = annotation_file
+        self.ground_truth, self.ground_truth_name = ground_truth, ground_truth_name
         self.class_names = list(class_names) if class_names is not None else None
         self.cat_ids = [int(c) for c in cat_ids] if cat_ids is not None else None
         self.label_map = label_map
@@ -244,6 +248,11 @@ class DetectionTask(PixelNormalization):
     def make_evaluator(self):
         from .evaluate import CocoEvaluator, load_ground_truth
 
+        if self.ground_truth is not None:  # in memory: built once, at the first evaluation
+            if self._ground_truth is None or self._ground_truth.label_map != self.label_map:
+                data = self.ground_truth if isinstance(self.ground_truth, dict) else self.ground_truth()
+                self._ground_truth = load_ground_truth(data, self.label_map, name=self.ground_truth_name)
+            return CocoEvaluator(self._ground_truth, post=self.net.post)
         if self.annotation_file is None:
             raise ValueError("DetectionTask.annotation_file is not set: the evaluator needs the split's COCO json")
         if (self._ground_truth is None or self._ground_truth.path != str(self.annotation_file)
@@ -287,7 +296,9 @@ def build_model(cfg) -> DetectionTask:
     """The detection task module a ``tasks.config.DetectionConfig`` describes. Class names and the
     label -> category id map come from the validation json when it exists (else from the weights file,
     which stores them). Whole-model ``model.weights`` replace ``model.backbone_weights`` (then not read,
-    nor fetched)."""
+    nor fetched). VOC and YOLO data (``data.format``): category id = label + 1, names from
+    ``data.class_names`` (or a YOLO ``data.yaml``; else the training split's), the ground truth the
+    validation split converted in memory at the first evaluation."""
     from tasks.config.scaling import detector_row
     from tasks.data.coco import annotation_paths
 
@@ -311,6 +322,8 @@ def build_model(cfg) -> DetectionTask:
                          max_detections=det.max_detections, score_threshold=det.score_threshold,
                          focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma, huber_delta=loss.huber_delta,
                          box_loss_weight=loss.box_weight, **options)
+    if cfg.data.format != "coco":
+        return DetectionTask(net, **pixel_options(cfg), label_map=cfg.data.label_map, **_converted_parts(cfg))
     annotation_file, _ = annotation_paths(cfg, cfg.data.val_split, train=False)
     names = cat_ids = None
     if annotation_file.is_file():
@@ -320,3 +333,20 @@ def build_model(cfg) -> DetectionTask:
                                           annotation_file)
     return DetectionTask(net, **pixel_options(cfg), annotation_file=str(annotation_file),
                          class_names=names, cat_ids=cat_ids, label_map=cfg.data.label_map)
+
+
+def _converted_parts(cfg) -> dict:
+    """DetectionTask's class names, category ids and ground truth for a VOC or YOLO dataset."""
+    from functools import partial
+    from pathlib import Path
+
+    from tasks.data.convert import known_class_names, split_ground_truth
+
+    data = cfg.data
+    names = known_class_names(data.format, data.root, data.class_names) if Path(data.root).is_dir() else None
+    if names is not None and len(names) != cfg.model.num_classes:
+        names = None  # the dataset's own one-line error says so when it is read; predict keeps working
+    truth = partial(split_ground_truth, data.format, str(data.root), data.val_split, data.class_names,
+                    (data.train_split, data.val_split))
+    return dict(class_names=names, cat_ids=list(range(1, cfg.model.num_classes + 1)), ground_truth=truth,
+                ground_truth_name=f"{data.root} ({data.format}, split {data.val_split})")

@@ -44,7 +44,8 @@ def _image_line(path, detection: dict, keep: torch.Tensor, names, score_threshol
 
 
 def predict_paths(task, paths: Sequence[str], out: str | None = None,
-                  size: int | Sequence[int] | None = None, score_threshold: float = 0.3) -> list[dict]:
+                  size: int | Sequence[int] | None = None, score_threshold: float = 0.3,
+                  image_options: dict | None = None) -> list[dict]:
     """Detect on image files; print one line per image (with how many detections the threshold hid)
     and, when some were hidden, a total.
 
@@ -60,7 +61,7 @@ def predict_paths(task, paths: Sequence[str], out: str | None = None,
 
     from torchvision.io import encode_jpeg, encode_png
 
-    from tasks.data.images import read_rgb
+    from tasks.data.images import display_rgb, read_image
     from tasks.data.outputs import output_folder, plan_output_stems, renamed_note, unique_path, write_new
 
     folder = output_folder(out) if out else None
@@ -73,7 +74,7 @@ def predict_paths(task, paths: Sequence[str], out: str | None = None,
     results, rows = [], []
     hidden_total, hidden_images, hidden_best, shown_total = 0, 0, 0.0, 0
     for index, (path, target) in enumerate(zip(paths, targets)):
-        image = read_rgb(path)
+        image = read_image(path, **(image_options or {}))  # the config's bands and bit depth
         detection = {k: v.cpu() for k, v in task.detect([image], size)[0].items()}
         keep = detection["scores"] > score_threshold
         print(_image_line(path, detection, keep, names, score_threshold))
@@ -91,7 +92,7 @@ def predict_paths(task, paths: Sequence[str], out: str | None = None,
                 row["drawn"] = str(target)
             rows.append(row)
         if target is not None:
-            drawn = draw_detections(image, detection, names, score_threshold)
+            drawn = draw_detections(display_rgb(image), detection, names, score_threshold)
             encoded = encode_jpeg(drawn, quality=92) if target.suffix == ".jpg" else encode_png(drawn)
             write_new(target, encoded.numpy().tobytes())
         results.append({"image": str(path), "drawn": str(target) if target is not None else None, **detection})
@@ -157,4 +158,7 @@ def predict(cfg, model, paths, out=None, score_threshold: float = 0.3, **_option
     ``predict_paths`` for the file names (never an input's, never over an existing file)."""
     from tasks.config import resolve_image_size
 
-    return predict_paths(model, paths, out, size=resolve_image_size(cfg), score_threshold=score_threshold)
+    from tasks.data.images import image_options
+
+    return predict_paths(model, paths, out, size=resolve_image_size(cfg), score_threshold=score_threshold,
+                         image_options=image_options(cfg))

@@ -5,7 +5,7 @@ evaluator's mIoU, sliding-window and TTA inference, and smp interop.
 >>> unet = build_segmenter("efficientnet-b3", num_classes=19)        # float normalised images -> logits
 """
 
-from .build import build_model, build_segmenter
+from .build import build_model, build_segmenter, demo_overrides
 from .evaluate import SegmentationEvaluator
 from .inference import slide_logits
 from .losses import SegmentationLoss
@@ -15,4 +15,4 @@ from .scale import describe_scale
 from .smp import register_smp_encoders
 
 __all__ = ["Segmenter", "SegmentationTask", "SegmentationEvaluator", "SegmentationLoss", "build_segmenter",
-           "build_model", "predict", "register_smp_encoders", "slide_logits", "describe_scale"]
+           "build_model", "demo_overrides", "predict", "register_smp_encoders", "slide_logits", "describe_scale"]

@@ -21,12 +21,13 @@ from tasks.engine.normalize import pixel_options
 
 from . import smp as smp_interop
 from .inference import inference_options
-from .losses import SegmentationLoss
+from .losses import LOSS_TERMS, SegmentationLoss
 from .model import SegmentationTask, Segmenter, load_whole
 
 log = logging.getLogger("effdense")
 
-__all__ = ["build_segmenter", "build_model", "load_whole", "dataset_classes", "HEADS", "UNET_DEFAULTS"]
+__all__ = ["build_segmenter", "build_model", "build_loss", "check_mode", "load_whole", "dataset_classes", "HEADS",
+           "UNET_DEFAULTS"]
 
 HEADS = ("unet", "bifpn")
 UNET_DEFAULTS = dict(decoder_channels=(256, 128, 64, 32, 16), attention=None, decoder_norm="batchnorm",
@@ -156,13 +157,44 @@ def build_bifpn_segmenter(backbone: str, num_classes: int, weights, bifpn: dict,
 
 
 def dataset_classes(cfg) -> tuple[list[str], list | None]:
-    """(class names, Cityscapes categories or None) for ``cfg``'s data format."""
+    """(class names, Cityscapes categories or None) for ``cfg``'s data format (binary: ``["foreground"]``
+    unless ``data.class_names`` names it)."""
     if cfg.data.format == "cityscapes":
         from tasks.data.cityscapes import CATEGORIES, CLASS_NAMES
 
         return list(CLASS_NAMES), list(CATEGORIES)
-    names = cfg.data.class_names or [str(i) for i in range(cfg.model.num_classes)]
+    default = ["foreground"] if cfg.model.segmentation.mode == "binary" else None
+    names = cfg.data.class_names or default or [str(i) for i in range(cfg.model.num_classes)]
     return list(names), None
+
+
+def check_mode(cfg) -> None:
+    """One-line ``ConfigError`` when ``model.segmentation.mode`` does not fit the class count or the data format."""
+    from tasks.config import ConfigError
+
+    mode, m = cfg.model.segmentation.mode, cfg.model
+    if mode == "binary" and m.num_classes != 1:
+        raise ConfigError(f"model.segmentation.mode=binary predicts one sigmoid channel (masks 0/1); expected "
+                          f"model.num_classes=1, got model.num_classes={m.num_classes} (several classes: "
+                          f"mode multiclass or multilabel)")
+    if mode != "multiclass" and cfg.data.format == "cityscapes":
+        raise ConfigError(f"model.segmentation.mode={mode} with data.format=cityscapes, whose masks are 19-class "
+                          f"index maps; expected mode=multiclass, or data.format=maskfolder with {mode} masks")
+
+
+# The demo's synthetic data per mode: Cityscapes' 19-class maps for multiclass; a mask folder of road-vs-rest
+# (binary) or road / car / paved channels (multilabel) otherwise.
+DEMO_DATA = {mode: ["data.format=maskfolder", f"data.root=runs/demo-data/segmentation-{mode}",
+                    f"model.num_classes={classes}", "data.image_size=64"] for mode, classes in (("binary", 1),
+                                                                                                 ("multilabel", 3))}
+DEMO_DATA["binary"].append("data.class_names=[road]")
+
+
+def demo_overrides(overrides: list[str]) -> list[str]:
+    """What ``effdense demo segmentation --set model.segmentation.mode=binary`` needs besides the mode: the data
+    of that mode (set before the user's overrides, which still win)."""
+    modes = [o.split("=", 1)[1] for o in overrides if o.startswith("model.segmentation.mode=")]
+    return DEMO_DATA.get(modes[-1], []) if modes else []
 
 
 def _head_options(cfg) -> dict:
@@ -184,7 +216,9 @@ def _head_options(cfg) -> dict:
 def build_model(cfg) -> SegmentationTask:
     """The segmentation task module a ``tasks.config.SegmentationConfig`` describes. Whole-model
     ``model.weights`` replace ``model.backbone_weights`` (which are then not read, nor fetched)."""
-    m, head, loss = cfg.model, cfg.model.segmentation, cfg.loss
+    m, head = cfg.model, cfg.model.segmentation
+    check_mode(cfg)
+    criterion = build_loss(cfg)  # a loss the mode cannot take fails before the network is built
     name, options = backbone_spec(m)
     for key in ("norm_eps", "norm_momentum"):
         if getattr(m, key) is not None:
@@ -201,11 +235,25 @@ def build_model(cfg) -> SegmentationTask:
                           aux_classes=m.num_classes if head.aux_head else None, aux_dropout=head.aux_dropout,
                           flavour=head.flavour, backbone_weights=None if m.weights else m.backbone_weights, drop_path=m.drop_path,
                           output_stride=head.output_stride, **_head_options(cfg), **options)
-    terms = {term: getattr(loss, term) for term in ("cross_entropy", "dice", "lovasz", "focal") if getattr(loss, term)}
-    criterion = SegmentationLoss(m.num_classes, losses=terms, ignore_index=cfg.data.ignore_index,
-                                 class_weights=loss.class_weights, ohem_thresh=loss.ohem_thresh if loss.ohem else None,
-                                 ohem_min_kept=loss.ohem_min_kept, aux_weight=loss.aux_weight,
-                                 focal_gamma=loss.focal_gamma)
     names, categories = dataset_classes(cfg)
     return SegmentationTask(net, class_names=names, **pixel_options(cfg), criterion=criterion,
-                            ignore_index=cfg.data.ignore_index, categories=categories, **inference_options(cfg))
+                            ignore_index=cfg.data.ignore_index, categories=categories, **inference_options(cfg),
+                            mode=head.mode, threshold=cfg.data.eval.threshold)
+
+
+def build_loss(cfg) -> SegmentationLoss:
+    """``cfg.loss`` in ``model.segmentation.mode`` (``tasks.segmentation.losses``); a term the mode has no use
+    for is a one-line ``ConfigError`` naming the key."""
+    from tasks.config import ConfigError
+
+    loss, mode = cfg.loss, cfg.model.segmentation.mode
+    terms = {term: getattr(loss, term) for term in LOSS_TERMS if getattr(loss, term)}
+    try:
+        return SegmentationLoss(cfg.model.num_classes, losses=terms, ignore_index=cfg.data.ignore_index,
+                                class_weights=loss.class_weights, ohem_thresh=loss.ohem_thresh if loss.ohem else None,
+                                ohem_min_kept=loss.ohem_min_kept, aux_weight=loss.aux_weight,
+                                focal_gamma=loss.focal_gamma, mode=mode, pos_weight=loss.pos_weight,
+                                tversky_alpha=loss.tversky_alpha, tversky_beta=loss.tversky_beta)
+    except ValueError as error:
+        message = str(error)
+        raise ConfigError(message if "loss." in message else f"loss.{message}") from None

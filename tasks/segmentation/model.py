@@ -10,8 +10,13 @@ own files and, for the U-Net head, state dicts saved from smp's ``Unet`` (``task
 device; train mode ``forward(images, targets)`` returns the named loss terms
 (``tasks.segmentation.losses``); eval mode ``forward(images)`` returns logits on the input canvas.
 
-Targets. Training: ``{"masks": int64 (N, h, w)}`` (255 = ignore; a bare tensor works too).
-Evaluation: the dict documented in ``tasks.segmentation.evaluate`` (masks at original resolution,
+Modes (smp's, ``model.segmentation.mode``): ``multiclass`` (C channels, softmax, argmax), ``binary`` (one
+channel, sigmoid) and ``multilabel`` (C channels, a sigmoid each); in the sigmoid modes a pixel is the
+class where its sigmoid is above ``threshold``. The network is the same in every mode; only the channel
+count and what the loss, the evaluator and predict make of the logits differ.
+
+Targets. Training: ``{"masks": int64 (N, h, w)}`` (255 = ignore; a bare tensor works too): class indices
+(multiclass), 0/1 (binary), or (N, C, h, w) 0/1 per channel (multilabel). Evaluation: the dict documented in ``tasks.segmentation.evaluate`` (masks at original resolution,
 ``image_size``, ``orig_size``, ``image_id``).
 """
 
@@ -83,6 +88,7 @@ class SegmentationTask(PixelNormalization):
     ``stride``, (h, w) each); ``flip`` adds the horizontally flipped input, ``scales`` resizes the
     input by each factor; the logits of all passes are averaged at the input size.
     ``categories``: ``[(name, [class indices])]`` for the evaluator's category mIoU.
+    ``mode``: ``multiclass``, ``binary`` or ``multilabel``; ``threshold``: the sigmoid modes' decision.
     """
 
     primary_metric = "mIoU"
@@ -90,8 +96,9 @@ class SegmentationTask(PixelNormalization):
     def __init__(self, net: Segmenter, class_names: Sequence[str] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  criterion: SegmentationLoss | None = None, ignore_index: int = 255, inference: str = "whole",
                  window: Sequence[int] | None = None, stride: Sequence[int] | None = None, flip: bool = False,
-                 scales: Sequence[float] = (1.0,), categories: Sequence[tuple[str, Sequence[int]]] | None = None):
-        super().__init__(mean, std)  # normalisation on the device, on uint8 input
+                 scales: Sequence[float] = (1.0,), categories: Sequence[tuple[str, Sequence[int]]] | None = None,
+                 mode: str = "multiclass", threshold: float = 0.5, **pixel):
+        super().__init__(mean, std, **pixel)  # normalisation on the device (pixel: input_range / percentiles)
         if inference not in INFERENCE_MODES:
             raise ValueError(f"inference={inference!r} is not one of {', '.join(INFERENCE_MODES)}")
         if inference == "slide":
@@ -103,8 +110,11 @@ class SegmentationTask(PixelNormalization):
             raise ValueError(f"scales={list(scales)} must be positive factors, e.g. (0.75, 1.0, 1.25)")
         self.net = net
         self.class_names = list(class_names) if class_names is not None else None
-        self.criterion = criterion if criterion is not None else SegmentationLoss(net.num_classes,
-                                                                                  ignore_index=ignore_index)
+        if criterion is not None and getattr(criterion, "mode", mode) != mode:
+            raise ValueError(f"criterion mode {criterion.mode!r} differs from mode={mode!r}")
+        self.criterion = criterion if criterion is not None else SegmentationLoss(
+            net.num_classes, {"bce" if mode != "multiclass" else "cross_entropy": 1.0}, ignore_index, mode=mode)
+        self.mode, self.threshold = mode, float(threshold)
         self.ignore_index = ignore_index
         self.inference, self.window, self.stride = inference, window, stride
         self.flip, self.scales = flip, tuple(float(s) for s in scales)
@@ -118,7 +128,8 @@ class SegmentationTask(PixelNormalization):
         x = self.normalize(images)
         if self.training:
             if targets is None:
-                raise ValueError("SegmentationTask in train mode needs targets ({'masks': int64 (N, H, W)})")
+                raise ValueError("SegmentationTask in train mode needs targets ({'masks': int64 (N, H, W), "
+                                 "multilabel (N, C, H, W)})")
             masks = targets["masks"] if isinstance(targets, Mapping) else targets
             out = self.net(x)
             logits, aux = out if isinstance(out, tuple) else (out, None)
@@ -149,7 +160,7 @@ class SegmentationTask(PixelNormalization):
 
     def make_evaluator(self) -> SegmentationEvaluator:
         return SegmentationEvaluator(self.num_classes, self.class_names, self.ignore_index, self.categories,
-                                     device=self.pixel_mean.device)
+                                     device=self.pixel_mean.device, mode=self.mode, threshold=self.threshold)
 
 
 def load_whole(model: Segmenter, state: dict, label: str, smp_flavour: str | None) -> None:

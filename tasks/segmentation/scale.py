@@ -39,10 +39,13 @@ def describe_scale(cfg) -> dict:
 
 
 def example_batch(cfg, batch_size: int, device="cpu"):
-    """uint8 images and ``{"masks": int64 (N, H, W)}`` with classes 0..C-1 and ~5% ignore pixels."""
+    """uint8 images and ``{"masks": int64 (N, H, W)}`` with classes 0..C-1 and ~5% ignore pixels (binary: 0/1;
+    multilabel: (N, C, H, W) 0/1)."""
     generator = torch.Generator().manual_seed(0)
     images = random_images(cfg, batch_size, generator)
-    masks = torch.randint(0, cfg.model.num_classes, (batch_size, *images.shape[-2:]), generator=generator)
+    mode, classes = cfg.model.segmentation.mode, cfg.model.num_classes
+    shape = (batch_size, *([classes] if mode == "multilabel" else []), *images.shape[-2:])
+    masks = torch.randint(0, classes if mode == "multiclass" else 2, shape, generator=generator)
     ignore = torch.rand(masks.shape, generator=generator) < 0.05
     masks[ignore] = cfg.data.ignore_index
     return images.to(device), {"masks": masks.to(device)}

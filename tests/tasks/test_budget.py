@@ -155,7 +155,7 @@ def test_report_files(cfg, tmp_path):
 
 
 def test_find_batch_size(cfg):
-    on_cpu = find_batch_size(cfg, device="cpu")
+    on_cpu = find_batch_size(cfg, device="cpu", free_gb=lambda: 64.0)  # the CPU guard: test_budget_bounds.py
     assert on_cpu.batch_size == 8 and "needs CUDA" in on_cpu.message
 
     def step(trial, batch):  # "fits" up to 100 images
@@ -210,7 +210,7 @@ def test_real_cpu_measurement_lite0_tiny():
 
 
 def test_run_command_prints_and_writes_even_when_nothing_fits(cfg, tmp_path, monkeypatch):
-    import tasks.budget as budget
+    from tasks import budget
 
     monkeypatch.setattr(budget, "measure_scale", lambda scaled, device=None, runs=None: FakeMeasure(base=41.0)(scaled))
     monkeypatch.setattr(budget, "count_cost", _fake_cost)

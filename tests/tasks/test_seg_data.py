@@ -145,12 +145,15 @@ def test_maskfolder_image_kinds_and_bad_input(tmp_path):
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(images[1])  # RGBA
     Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(images[2])  # 16-bit grayscale
     dataset = MaskFolderDataset(root, "train", num_classes=6, class_names=["a", "b", "c", "d", "e", "f"])
-    for i in range(3):
+    for i in range(2):
         image = dataset[i][0]
         assert image.dtype == torch.uint8 and image.shape == (3, 64, 96)
     assert torch.equal(dataset[1][0].permute(1, 2, 0), torch.from_numpy(rgb))  # alpha dropped
-    assert torch.equal(dataset[2][0][0], torch.from_numpy(rgb[..., 0]))  # top 8 bits of 16
-    with pytest.raises(MaskError, match=r"0003.png: label values 5 are >= num_classes=5"):
+    # 16 bits are never truncated (issue 16): without data.input_range a 16-bit image is a one-line error
+    with pytest.raises(DataError, match=r"0002.png: is a 16-bit image .* set data.input_range"):
+        dataset[2]
+    Image.fromarray(rgb[..., 0]).save(images[2])  # back to 8-bit for the checks below
+    with pytest.raises(MaskError, match=r"0003.png: label values 5 are neither a class \(0..4\) nor data.ignore_index \(255\)"):
         MaskFolderDataset(root, "train", num_classes=5)[3]
     rgb_mask = root / "masks" / "train" / "0003.png"
     Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(rgb_mask)

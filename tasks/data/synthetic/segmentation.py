@@ -137,20 +137,47 @@ def write_cityscapes(root: str | Path, seed: int = 0, train_per_city: int = 20, 
 
 MASK_MODES = ("L", "P", "I;16")
 FOLDER_CLASSES = ("sky", "building", "vegetation", "road", "sidewalk", "car")  # indices 0..5; void -> ignore
+# smp's modes: binary marks the road (1) against every other scene class (0); multilabel has three
+# overlapping channels, channel k made of the scene classes listed (paved = road or sidewalk). Void: ignore.
+BINARY_CLASS = "road"
+MULTILABEL_CLASSES = {"road": ("road",), "car": ("car",), "paved": ("road", "sidewalk")}
+SEGMENTATION_MODES = ("multiclass", "binary", "multilabel")
+VOID = ("ego vehicle", "static")
+
+
+def _binary_masks(labels: torch.Tensor, mode: str, ignore_index: int) -> np.ndarray:
+    """Scene indices (H, W) -> binary (H, W) or multilabel (C, H, W) 0/1 masks, void as ``ignore_index``."""
+    names = list(SCENE_CLASSES)
+    groups = [(BINARY_CLASS,)] if mode == "binary" else list(MULTILABEL_CLASSES.values())
+    void = torch.isin(labels, torch.tensor([names.index(n) for n in VOID]))
+    channels = [torch.isin(labels, torch.tensor([names.index(n) for n in group])).long() for group in groups]
+    masks = torch.stack(channels).masked_fill(void, ignore_index).numpy().astype(np.uint8)
+    return masks[0] if mode == "binary" else masks
 
 
 def write_maskfolder(root: str | Path, seed: int = 0, train: int = 24, val: int = 8, size: Sequence[int] = (64, 96),
-                     mask_mode: str = "L", image_format: str = "png", ignore_index: int = 255) -> Path:
+                     mask_mode: str = "L", image_format: str = "png", ignore_index: int = 255,
+                     mode: str = "multiclass", stack: bool = False) -> Path:
     """Write ``images/{train,val}/NNNN.<png|jpg>`` + ``masks/{train,val}/NNNN.png`` (classes
     :data:`FOLDER_CLASSES` as 0..5, void as ``ignore_index``); ``mask_mode`` L (8-bit), P (palette) or
-    I;16 (16-bit). Returns ``root``; ``root/classes.json`` lists the class names."""
+    I;16 (16-bit). Returns ``root``; ``root/classes.json`` lists the class names.
+
+    ``mode`` (smp's, ``model.segmentation.mode``): ``binary`` writes 0/1 masks of :data:`BINARY_CLASS`
+    (``model.num_classes=1``); ``multilabel`` the channels of :data:`MULTILABEL_CLASSES`
+    (``model.num_classes=3``) as ``masks/<split>/NNNN_<k>.png`` per class index k, or with ``stack`` one
+    ``NNNN.npy`` (3, H, W) uint8 per image (``mask_mode`` applies to the multiclass and binary PNGs)."""
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode={mask_mode!r} is not one of {', '.join(MASK_MODES)}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format={image_format!r} must be 'png' or 'jpg'")
+    if mode not in SEGMENTATION_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {', '.join(SEGMENTATION_MODES)}")
     height, width = (int(s) for s in size)
-    root = _prepare(Path(root), dict(kind="maskfolder", seed=seed, size=[height, width], train=train, val=val,
-                                     mask_mode=mask_mode, image_format=image_format), ("images", "masks"))
+    params = dict(kind="maskfolder", seed=seed, size=[height, width], train=train, val=val, mask_mode=mask_mode,
+                  image_format=image_format)
+    if mode != "multiclass":
+        params.update(mode=mode, stack=stack)
+    root = _prepare(Path(root), params, ("images", "masks"))
     to_index = torch.tensor([FOLDER_CLASSES.index(n) if n in FOLDER_CLASSES else ignore_index for n in SCENE_CLASSES])
     generator = torch.Generator().manual_seed(seed)
     for split, count in (("train", train), ("val", val)):
@@ -158,7 +185,10 @@ def write_maskfolder(root: str | Path, seed: int = 0, train: int = 24, val: int 
         for index in range(count):
             image, labels = draw_scene(height, width, generator)
             _save_rgb(image, root / "images" / split / f"{index:04d}.{image_format}")
-            values = to_index[labels].numpy()
+            if mode == "multilabel":
+                _save_multilabel(_binary_masks(labels, mode, ignore_index), root / "masks" / split, f"{index:04d}", stack)
+                continue
+            values = to_index[labels].numpy() if mode == "multiclass" else _binary_masks(labels, mode, ignore_index)
             if mask_mode == "I;16":
                 mask = Image.fromarray(values.astype(np.uint16))
             elif mask_mode == "P":  # palette indices are the class indices
@@ -168,5 +198,14 @@ def write_maskfolder(root: str | Path, seed: int = 0, train: int = 24, val: int 
             else:
                 mask = Image.fromarray(values.astype(np.uint8))
             mask.save(root / "masks" / split / f"{index:04d}.png", compress_level=1)
-    (root / "classes.json").write_text(json.dumps(list(FOLDER_CLASSES)) + "\n")
+    names = {"multiclass": list(FOLDER_CLASSES), "binary": [BINARY_CLASS], "multilabel": list(MULTILABEL_CLASSES)}
+    (root / "classes.json").write_text(json.dumps(names[mode]) + "\n")
     return root
+
+
+def _save_multilabel(masks: np.ndarray, folder: Path, stem: str, stack: bool) -> None:
+    if stack:
+        np.save(folder / f"{stem}.npy", masks)
+        return
+    for k, channel in enumerate(masks):
+        Image.fromarray(channel).save(folder / f"{stem}_{k}.png", compress_level=1)

@@ -5,8 +5,10 @@ to fit ``size * s``, s uniform in [0.1, 2.0]), a random ``size`` crop (or bottom
 is smaller), horizontal flip; boxes are clipped and those thinner than ``min_box_size`` pixels dropped
 (with their labels and crowd flags). Eval: letterbox (resized to fit ``size`` keeping the aspect
 ratio, the rest padded bottom/right). Both pad with the
-ImageNet mean colour (0 after normalisation) and record how input pixels relate to the original:
-``input = original * scale + offset`` per axis, ``scale = (sx, sy)``, ``offset = (ox, oy)``.
+mean colour (0 after normalisation: :func:`mean_fill` of a config; ImageNet's by default) and record how
+input pixels relate to the original: ``input = original * scale + offset`` per axis, ``scale = (sx, sy)``,
+``offset = (ox, oy)``. 8-bit images stay uint8; others (16-bit) become float32 of the same values
+(torchvision's transforms take uint8 or float only), and the collate stacks them as they come.
 """
 
 from __future__ import annotations
@@ -18,7 +20,20 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from tasks.data.errors import DataError
+from tasks.data.images import describe_dtype, workable
+
 MEAN_FILL = (124, 116, 104)  # ImageNet mean * 255: padding that normalises to ~0
+
+
+def mean_fill(cfg) -> tuple[float, ...] | None:
+    """The padding value per band that normalises to 0: ``lo + mean (hi - lo)`` in the images' own values
+    (``data.input_range``, else 0..255), rounded for uint8 images when used; None with
+    ``data.normalize=percentile`` (no fixed value: each image pads with its own per-band mean)."""
+    if cfg.data.normalize == "percentile":
+        return None
+    lo, hi = cfg.data.input_range if cfg.data.input_range is not None else (0.0, 255.0)
+    return tuple(float(lo) + float(m) * (float(hi) - float(lo)) for m in cfg.data.mean)
 
 
 def input_size(size: int | Sequence[int]) -> tuple[int, int]:
@@ -33,19 +48,24 @@ def _as_boxes(boxes: torch.Tensor, canvas: tuple[int, int]) -> tv_tensors.Boundi
     return tv_tensors.BoundingBoxes(boxes.reshape(-1, 4).float(), format="XYXY", canvas_size=canvas)
 
 
-def _fill(fill: Sequence[int], channels: int) -> list[float]:
-    return [float(v) for v in fill][:channels] if len(fill) >= channels else [float(fill[0])] * channels
+def _fill(fill: Sequence[float] | None, image: torch.Tensor) -> list[float]:
+    """``fill`` for ``image``'s bands (rounded for uint8); None: the image's own mean per band."""
+    channels = image.shape[0]
+    if fill is None:
+        return image.to(torch.float32).mean(dim=(-2, -1)).tolist()
+    values = [float(v) for v in fill][:channels] if len(fill) >= channels else [float(fill[0])] * channels
+    return [float(round(v)) for v in values] if image.dtype == torch.uint8 else values
 
 
 def _resize(image: torch.Tensor, boxes, new_h: int, new_w: int):
-    image = F.resize(tv_tensors.Image(image), [new_h, new_w], antialias=True)
+    image = F.resize(tv_tensors.Image(workable(image)), [new_h, new_w], antialias=True)
     boxes = F.resize(boxes, [new_h, new_w])
     return image, boxes
 
 
-def letterbox(image: torch.Tensor, size: int | Sequence[int], fill: Sequence[int] = MEAN_FILL,
+def letterbox(image: torch.Tensor, size: int | Sequence[int], fill: Sequence[float] | None = MEAN_FILL,
               boxes: torch.Tensor | None = None):
-    """uint8 (3, H, W) -> ((3, h, w) letterboxed image, meta[, boxes moved along]) for ``size`` (h, w).
+    """(C, H, W) -> ((C, h, w) letterboxed image, meta[, boxes moved along]) for ``size`` (h, w).
 
     ``meta``: ``orig_size`` (H, W), ``scale`` (sx, sy) and ``offset`` (0, 0): input = original * scale.
     """
@@ -56,7 +76,7 @@ def letterbox(image: torch.Tensor, size: int | Sequence[int], fill: Sequence[int
     bb = _as_boxes(boxes if boxes is not None else torch.zeros(0, 4), (height, width))
     out, bb = _resize(image, bb, new_h, new_w)
     padding = [0, 0, out_w - new_w, out_h - new_h]
-    out = F.pad(out, padding, fill=_fill(fill, out.shape[0]))
+    out = F.pad(out, padding, fill=_fill(fill, out))
     bb = F.pad(bb, padding)
     meta = {"orig_size": (int(height), int(width)), "scale": (new_w / width, new_h / height), "offset": (0.0, 0.0)}
     out = out.as_subclass(torch.Tensor)
@@ -88,7 +108,7 @@ def _keep_boxes(boxes: torch.Tensor, target: dict, min_size: float) -> dict:
 
 
 class DetectionTrainTransform:
-    """``(uint8 image (3, H, W), target)`` -> the jittered ``size`` crop and its target.
+    """``(image (C, H, W), target)`` -> the jittered ``size`` crop and its target.
 
     ``target`` holds ``boxes`` (n, 4) xyxy original pixels, ``labels``, optional ``iscrowd``; the
     result's boxes are in input pixels and it gains ``orig_size``, ``scale``/``offset`` (the mapping
@@ -96,11 +116,11 @@ class DetectionTrainTransform:
     """
 
     def __init__(self, size: int | Sequence[int], scale_range: tuple[float, float] = (0.1, 2.0), hflip: float = 0.5,
-                 fill: Sequence[int] = MEAN_FILL, min_box_size: float = 1.0):
+                 fill: Sequence[float] | None = MEAN_FILL, min_box_size: float = 1.0):
         if not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"scale_range must be 0 < min <= max, got {scale_range}")
         self.size, self.scale_range, self.hflip = input_size(size), tuple(scale_range), float(hflip)
-        self.fill, self.min_box_size = tuple(fill), float(min_box_size)
+        self.fill, self.min_box_size = tuple(fill) if fill is not None else None, float(min_box_size)
 
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         height, width = image.shape[-2:]
@@ -115,7 +135,7 @@ class DetectionTrainTransform:
         crop_h, crop_w = min(out_h, new_h), min(out_w, new_w)
         out, boxes = F.crop(out, top, left, crop_h, crop_w), F.crop(boxes, top, left, crop_h, crop_w)
         padding = [0, 0, out_w - crop_w, out_h - crop_h]
-        out = F.pad(out, padding, fill=_fill(self.fill, out.shape[0]))
+        out = F.pad(out, padding, fill=_fill(self.fill, out))
         boxes = F.clamp_bounding_boxes(F.pad(boxes, padding))
         flipped = self.hflip > 0 and random.random() < self.hflip
         if flipped:
@@ -127,11 +147,11 @@ class DetectionTrainTransform:
 
 
 class DetectionEvalTransform:
-    """``(uint8 image, target)`` -> the letterboxed ``size`` image and its target (boxes in input pixels,
+    """``(image, target)`` -> the letterboxed ``size`` image and its target (boxes in input pixels,
     plus ``orig_size``/``scale``/``offset`` for mapping detections back)."""
 
-    def __init__(self, size: int | Sequence[int], fill: Sequence[int] = MEAN_FILL):
-        self.size, self.fill = input_size(size), tuple(fill)
+    def __init__(self, size: int | Sequence[int], fill: Sequence[float] | None = MEAN_FILL):
+        self.size, self.fill = input_size(size), tuple(fill) if fill is not None else None
 
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         out, meta, boxes = letterbox(image, self.size, self.fill, target["boxes"])
@@ -142,6 +162,14 @@ class DetectionEvalTransform:
 
 
 def detection_collate(batch):
-    """Images stack (uint8 (N, 3, S, S)); targets stay a list of dicts (variable box counts)."""
+    """Images stack ((N, C, S, S), uint8 for 8-bit data, else float32); targets stay a list of dicts (variable
+    box counts). Images of two dtypes in one batch are a one-line error naming them (one 16-bit file among
+    8-bit ones; the datasets' readers catch it first, naming the file)."""
     images, targets = zip(*batch)
+    kinds = {image.dtype for image in images}
+    if len(kinds) > 1:
+        ids = {image.dtype: target.get("image_id") for image, target in zip(images, targets)}
+        found = ", ".join(f"{describe_dtype(dtype)} (image id {ids[dtype]})" for dtype in sorted(kinds, key=str))
+        raise DataError(f"a batch mixes image depths: {found}; expected one depth for every image of a dataset "
+                        f"(`effdense data check` lists each image's)")
     return torch.stack(images), list(targets)

@@ -1,7 +1,8 @@
 """Segmentation augmentation with torchvision.transforms.v2: image and mask move together.
 
 Each transform is called as ``transform(image, target) -> (image, target)`` on a sample of
-``tasks.data.seg_common`` and returns a uint8 (3, H, W) image and an int64 (H, W) ``target["mask"]``.
+``tasks.data.seg_common`` and returns a uint8 (3, H, W) image and an int64 (H, W) ``target["mask"]``
+((C, H, W) in multilabel mode: every channel moves, is padded and resized like an (H, W) mask).
 Masks are ``tv_tensors.Mask`` inside, so every geometric step moves them with the image; resizing
 uses nearest neighbours (``nearest-exact``: the same pixel centres as the image's bilinear resize).
 
@@ -20,6 +21,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from tasks.data.images import EightBitOnly, workable  # 16-bit -> float32 of the same values; 8-bit-only photometrics
 
 __all__ = ["RandomScale", "PairTransform", "segmentation_train_transform", "segmentation_eval_transform", "eval_transform_for",
            "EVAL_MODES"]
@@ -68,7 +71,7 @@ class PairTransform:
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         if self.pipeline is None:
             return image, target
-        out_image, out_mask = self.pipeline(tv_tensors.Image(image), tv_tensors.Mask(target["mask"]))
+        out_image, out_mask = self.pipeline(tv_tensors.Image(workable(image)), tv_tensors.Mask(target["mask"]))
         return out_image.as_subclass(torch.Tensor), {**target, "mask": out_mask.as_subclass(torch.Tensor).long()}
 
     def __repr__(self) -> str:
@@ -82,7 +85,7 @@ class _ImageOnly:
         self.resize = v2.Resize(size, antialias=True)
 
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-        return self.resize(tv_tensors.Image(image)).as_subclass(torch.Tensor), target
+        return self.resize(tv_tensors.Image(workable(image))).as_subclass(torch.Tensor), target
 
 
 def segmentation_train_transform(crop_size: Sequence[int] | int | None, scale_range: Sequence[float] | None = (0.5, 2.0),
@@ -102,8 +105,8 @@ def segmentation_train_transform(crop_size: Sequence[int] | int | None, scale_ra
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(p=hflip))
     if photometric:
-        steps.append(v2.RandomApply([v2.ColorJitter(brightness=32 / 255, contrast=0.5, saturation=0.5, hue=0.05)],
-                                    p=0.5))
+        steps.append(EightBitOnly(v2.RandomApply([v2.ColorJitter(brightness=32 / 255, contrast=0.5, saturation=0.5,
+                                                                 hue=0.05)], p=0.5)))
     return PairTransform(v2.Compose(steps) if steps else None)
 
 
