@@ -122,13 +122,19 @@ def _segmentation_collate_for(cfg: Config, train: bool):
 
 # -- coco (detection) ----------------------------------------------------------------------------------
 
-def _coco_dataset(cfg: Config, split: str, train: bool):
-    from tasks.data.coco import CocoDetection, annotation_paths, classes_problem
+def _detection_transform(cfg: Config, train: bool):
+    """Every detection format's transform: scale jitter, crop/pad and flip (train) or letterbox (eval), padding
+    with the value that normalises to 0."""
     from tasks.data.transforms.detection import DetectionEvalTransform, DetectionTrainTransform, mean_fill
 
     size, augment, fill = resolve_image_size(cfg), cfg.data.augment, mean_fill(cfg)
-    transform = (DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip, fill) if train
-                 else DetectionEvalTransform(size, fill))
+    return (DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip, fill) if train
+            else DetectionEvalTransform(size, fill))
+
+def _coco_dataset(cfg: Config, split: str, train: bool):
+    from tasks.data.coco import CocoDetection, annotation_paths, classes_problem
+
+    transform = _detection_transform(cfg, train)
     annotation_file, image_dir = annotation_paths(cfg, split, train)
     dataset = CocoDetection(cfg.data.root, split, transform, annotation_file=annotation_file, image_dir=image_dir,
                             max_instances=cfg.data.max_instances, on_bad_sample=cfg.data.on_bad_sample,
@@ -163,12 +169,8 @@ def _synth_coco(root: str | Path, seed: int = 0, **options) -> Path:
 
 def _converted_dataset(cfg: Config, split: str, train: bool):
     from tasks.data.convert import converted_dataset
-    from tasks.data.transforms.detection import DetectionEvalTransform, DetectionTrainTransform
 
-    size, augment = resolve_image_size(cfg), cfg.data.augment
-    transform = (DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip) if train
-                 else DetectionEvalTransform(size))
-    return converted_dataset(cfg, split, transform)
+    return converted_dataset(cfg, split, _detection_transform(cfg, train))
 
 def _check_converted(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
     from tasks.data.convert import check_converted
