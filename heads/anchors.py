@@ -110,13 +110,20 @@ def encode_boxes(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return torch.stack([(y - ya) / ha, (x - xa) / wa, torch.log(h / ha), torch.log(w / wa)], dim=-1)
 
 
+# The largest size code decoded: a box at most 1000/16 times its anchor (torchvision's bbox_xform_clip), so an
+# exploding code gives a large box, not an infinite or NaN one.
+SIZE_CODE_CLIP = math.log(1000.0 / 16)
+
+
 def decode_boxes(codes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """(ty, tx, th, tw) ``codes`` on xyxy ``anchors`` (broadcast) -> xyxy boxes."""
+    """(ty, tx, th, tw) ``codes`` on xyxy ``anchors`` (broadcast) -> xyxy boxes; th, tw clamped at
+    :data:`SIZE_CODE_CLIP`."""
     wa = anchors[..., 2] - anchors[..., 0]
     ha = anchors[..., 3] - anchors[..., 1]
     xa = (anchors[..., 0] + anchors[..., 2]) / 2
     ya = (anchors[..., 1] + anchors[..., 3]) / 2
     ty, tx, th, tw = codes.unbind(-1)
+    th, tw = th.clamp(max=SIZE_CODE_CLIP), tw.clamp(max=SIZE_CODE_CLIP)
     w, h = torch.exp(tw) * wa, torch.exp(th) * ha
     x, y = tx * wa + xa, ty * ha + ya
     return torch.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2], dim=-1)

@@ -49,9 +49,15 @@ class PostProcess:
                 "max_detections": self.max_detections, "score_threshold": self.score_threshold}
 
 
+MIN_SIDE = 1e-2  # px: a thinner box after clipping is empty
+
+
 def select_candidates(class_out: torch.Tensor, box_out: torch.Tensor, anchors: torch.Tensor,
                       image_size: tuple[int, int], max_candidates: int):
-    """Top-k (anchor, class) pairs per image -> (boxes (N, k, 4) clipped xyxy, scores (N, k), classes (N, k))."""
+    """Top-k (anchor, class) pairs per image -> (boxes (N, k, 4) clipped xyxy, scores (N, k), classes (N, k)).
+
+    A box that is empty after clipping (width or height under :data:`MIN_SIDE` px: outside the image, or a
+    collapsed size code) gets score 0, so no score threshold (0 included) keeps it."""
     batch, num_anchors, num_classes = class_out.shape
     k = min(max_candidates, num_anchors * num_classes)
     logits, index = class_out.reshape(batch, -1).topk(k, dim=1)
@@ -62,7 +68,9 @@ def select_candidates(class_out: torch.Tensor, box_out: torch.Tensor, anchors: t
     height, width = image_size
     boxes[..., 0::2] = boxes[..., 0::2].clamp(0, width)
     boxes[..., 1::2] = boxes[..., 1::2].clamp(0, height)
-    return boxes, logits.float().sigmoid(), classes
+    sides = boxes[..., 2:] - boxes[..., :2]
+    scores = logits.float().sigmoid() * (sides > MIN_SIDE).all(-1)
+    return boxes, scores, classes
 
 
 def postprocess(class_out: torch.Tensor, box_out: torch.Tensor, anchors: torch.Tensor,
@@ -76,9 +84,8 @@ def postprocess(class_out: torch.Tensor, box_out: torch.Tensor, anchors: torch.T
     results = []
     for i in range(boxes.shape[0]):
         b, s, c = boxes[i], scores[i], classes[i]
-        if settings.score_threshold > 0:
-            keep = s > settings.score_threshold
-            b, s, c = b[keep], s[keep], c[keep]
+        keep = s > settings.score_threshold  # also drops the empty boxes (score 0)
+        b, s, c = b[keep], s[keep], c[keep]
         keep = batched_nms(b, s, c, settings.iou_threshold)[: settings.max_detections]
         results.append({"boxes": b[keep], "scores": s[keep], "labels": c[keep]})
     return results
