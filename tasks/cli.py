@@ -101,6 +101,7 @@ def _auto_batch_size(cfg) -> dict:
 
 
 def cmd_eval(args) -> int:
+    from tasks.config import resolve_image_size
     from tasks.data import build_loaders
     from tasks.engine import evaluate
     from tasks.engine.distributed import cleanup, setup_process
@@ -109,13 +110,18 @@ def cmd_eval(args) -> int:
     cfg = _load_config(args)
     try:
         device, dist_env = setup_process(cfg.train.device, cfg.train.deterministic)
-        loaders = build_loaders(cfg, splits=("val",))
+        if args.slice is None:
+            loader = build_loaders(cfg, splits=("val",))["val"]
         model = build_with_weights(cfg, args.weights)
         if args.fused:
             from backbones.fusion import fuse_for_inference
 
             model = fuse_for_inference(model.eval())
-        metrics = evaluate(model, loaders["val"], device, cfg.train.amp, cfg.train.channels_last,
+        if args.slice is not None:  # the task's sliced inference on the split's original images
+            slicing = _slice_options(cfg, model, args)
+            loader = model.original_image_loader(cfg)
+            model = model.sliced(slicing["slice"], slicing["slice_overlap"], size=resolve_image_size(cfg))
+        metrics = evaluate(model, loader, device, cfg.train.amp, cfg.train.channels_last,
                            progress=not args.json and dist_env.is_main, output_dir=args.output)
         if not dist_env.is_main:
             return 0
@@ -134,6 +140,19 @@ def cmd_eval(args) -> int:
         cleanup()
 
 
+def _slice_options(cfg, model, args) -> dict:
+    """``--slice SIZE --slice-overlap F`` as options, after checking the task can slice (detection: SAHI)."""
+    from tasks.config import ConfigError
+
+    if args.slice is not None and not hasattr(model, "sliced"):
+        raise ConfigError(f"--slice: model.task={cfg.model.task} has no sliced inference (detection has; "
+                          f"segmentation slides windows with data.eval.mode=slide and data.tile / data.eval.window)")
+    if args.slice is not None and (args.slice < 1 or not 0 <= args.slice_overlap < 1):
+        raise ConfigError(f"--slice {args.slice} --slice-overlap {args.slice_overlap:g}: expected a tile side >= 1 "
+                          f"px and an overlap in [0, 1) (a fraction of the side), e.g. --slice 512 --slice-overlap 0.2")
+    return {"slice": args.slice, "slice_overlap": args.slice_overlap} if args.slice is not None else {}
+
+
 def cmd_predict(args) -> int:
     import torch
 
@@ -145,9 +164,10 @@ def cmd_predict(args) -> int:
     from backbones.fusion import fuse_for_inference
 
     model = fuse_for_inference(model.to(pick_device(cfg.train.device)).eval())  # BatchNorm folded: same outputs
+    slicing = _slice_options(cfg, model, args)
     with torch.no_grad():
         registry.get(cfg.model.task).predict(cfg, model, args.images, out=args.out, topk=args.topk,
-                                            score_threshold=args.score_threshold)
+                                            score_threshold=args.score_threshold, **slicing)
     return 0
 
 
@@ -239,6 +259,13 @@ def cmd_demo(args) -> int:
     return run_demo(args.task, args.output, args.set or [], overwrite=args.overwrite)
 
 
+def _add_slice_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slice", type=int, metavar="SIZE", help="detection: small objects in large images (SAHI): "
+                        "tiles of SIZE px at native resolution + the whole image, merged by class-wise NMS")
+    parser.add_argument("--slice-overlap", type=float, default=0.2, metavar="F",
+                        help="with --slice: the fraction of the tile side neighbouring tiles share (default 0.2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks.data_command import cmd_data
 
@@ -261,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics dict as JSON on the last stdout line")
     p.add_argument("--output", metavar="DIR", help="also write metrics.json (and the evaluator's files) into DIR")
     p.add_argument("--fused", action="store_true", help="fold BatchNorm into the convs first (inference speed)")
+    _add_slice_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="run a model on image files",
@@ -272,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5, help="classification: labels per image")
     p.add_argument("--score-threshold", type=float, default=0.3, help="detection: the lowest score drawn")
     p.add_argument("--out", help="write the outputs (predictions.json, images) into this directory")
+    _add_slice_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="synthesize or check datasets", description="Synthesize or check datasets.")

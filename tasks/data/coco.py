@@ -160,7 +160,8 @@ class CocoDetection(Dataset):
 
     ``data``: the annotation dict already in memory (another format converted, see
     :class:`SplitAnnotations`); ``annotation_file`` then only names it in messages, and ``sources``
-    (image id -> file) names the file each image comes from.
+    (image id -> file) names the file each image comes from. ``use_tiles(size, overlap)`` (``data.tile``):
+    one sample per tile of each image instead (``target["tile"]``: its window (x1, y1, x2, y2) in the image).
     """
 
     def __init__(self, root: str | Path | None = None, split: str = "train", transform=None, *,
@@ -236,8 +237,20 @@ class CocoDetection(Dataset):
             log.info("%s: %d images had more than max_instances=%d boxes (the rest ignored)", self.annotation_file,
                      capped, self.max_instances)
 
+    # data.tile: (image index, window) per sample (tasks.data.tiles); None: one sample per whole image
+    tiles: list | None = None
+
+    def use_tiles(self, size: int, overlap: float = 0.2) -> None:
+        """One sample per tile of every image (``tasks.data.tiles``: the image's crop and its boxes clipped,
+        a box kept when >= 50% of it is inside, then ``transform``); sizes from the annotation records."""
+        from tasks.data.tiles import describe_tiles, tile_index
+
+        sizes = [(int(record["height"]), int(record["width"])) for record in self.images]
+        self.tiles = tile_index(sizes, size, overlap)
+        describe_tiles(str(self.annotation_file), len(self.images), len(self.tiles), size, overlap)
+
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.tiles) if self.tiles is not None else len(self.images)
 
     def target(self, index: int) -> dict:
         """The untransformed target of image ``index`` (boxes in original pixels)."""
@@ -246,6 +259,9 @@ class CocoDetection(Dataset):
                 "iscrowd": torch.from_numpy(self._crowd[index].copy()), "image_id": int(self.images[index]["id"])}
 
     def __getitem__(self, index: int):
+        window = None
+        if self.tiles is not None:
+            index, window = self.tiles[index]
         for offset in range(len(self.images)):
             i = (index + offset) % len(self.images)
             path = self.image_dir / self.images[i]["file_name"]
@@ -260,6 +276,11 @@ class CocoDetection(Dataset):
                 log.warning("skipping %s (data.on_bad_sample=skip)", error)
                 continue
             target = self.target(i)
+            if self.tiles is not None:  # the tile's crop; boxes clipped to it (tasks.data.tiles)
+                from tasks.data.tiles import crop_detection_target, crop_image, fit_window
+
+                window = fit_window(window, *image.shape[-2:])  # a replacement (skip) of another size: moved inside
+                image, target = crop_image(image, window), crop_detection_target(target, window)
             if self.transform is not None:
                 return self.transform(image, target)
             target.update(orig_size=tuple(image.shape[-2:]), scale=(1.0, 1.0), offset=(0.0, 0.0))

@@ -19,7 +19,7 @@ from tasks.config import Config, resolve_image_size
 from tasks.data.errors import DataError
 from tasks.data.imagefolder import ImageFolderDataset, class_mismatch, list_split, num_classes_problem
 from tasks.data.images import ImageReader, image_options
-from tasks.data.transforms.classification import classification_eval_transform, classification_train_transform
+from tasks.data.transforms.classification import classification_eval_transform, train_transform_for
 
 @dataclass(frozen=True)
 class DataFormat:
@@ -35,9 +35,8 @@ class DataFormat:
 # -- imagefolder (classification) -------------------------------------------------------------------
 
 def _imagefolder_dataset(cfg: Config, split: str, train: bool) -> ImageFolderDataset:
-    size = resolve_image_size(cfg)
-    augment = cfg.data.augment
-    transform = classification_train_transform(augment, size) if train else classification_eval_transform(augment, size)
+    size = resolve_image_size(cfg)  # training: progressive learning's stages replace the transform (its size)
+    transform = train_transform_for(cfg, size) if train else classification_eval_transform(cfg.data.augment, size)
     dataset = ImageFolderDataset(cfg.data.root, split, transform, cfg.data.on_bad_sample, image_options(cfg))
     if train:  # the label of a class is its index among the sorted folder names: both splits must agree
         mismatch = class_mismatch(dataset.listing, list_split(cfg.data.root, cfg.data.val_split))
@@ -76,7 +75,7 @@ def _cityscapes_dataset(cfg: Config, split: str, train: bool):
         raise DataError(f"model.num_classes={cfg.model.num_classes} but Cityscapes has {NUM_CLASSES} train ids; "
                         f"set model.num_classes={NUM_CLASSES}")
     return _read_images(CityscapesDataset(cfg.data.root, split, _segmentation_transform(cfg, train),
-                                          cfg.data.on_bad_sample), cfg)
+                                          cfg.data.on_bad_sample), cfg, train)
 
 def _maskfolder_dataset(cfg: Config, split: str, train: bool):
     from tasks.data.maskfolder import MaskFolderDataset
@@ -84,11 +83,27 @@ def _maskfolder_dataset(cfg: Config, split: str, train: bool):
     return _read_images(MaskFolderDataset(cfg.data.root, split, cfg.model.num_classes,
                                           _segmentation_transform(cfg, train), cfg.data.on_bad_sample,
                                           cfg.data.ignore_index, cfg.data.class_names,
-                                          mode=cfg.model.segmentation.mode), cfg)
+                                          mode=cfg.model.segmentation.mode), cfg, train)
 
-def _read_images(dataset, cfg: Config):
-    """A paired dataset whose images are read with the config's bands and scaling, one depth per split."""
+def _read_images(dataset, cfg: Config, train: bool = False):
+    """A paired dataset whose images are read with the config's bands and scaling, one depth per split
+    (and, for training with ``data.tile.size``, one sample per tile)."""
     dataset.reader.image_reader = ImageReader(**image_options(cfg), reference=dataset.pairs[0].image)
+    return _tiled(dataset, cfg, train)
+
+def _tiled(dataset, cfg: Config, train: bool):
+    """``data.tile.size`` set: the training split as tiles at native resolution (``tasks.data.tiles``); the
+    validation split keeps whole images (segmentation slides windows, detection ``--slice``s)."""
+    tile = getattr(cfg.data, "tile", None)
+    if train and tile is not None and tile.size is not None:
+        dataset.use_tiles(int(tile.size), float(tile.overlap))
+        if tuple(resolve_image_size(cfg)) != (tile.size, tile.size):  # the train transform sees each tile as an image
+            import logging
+
+            logging.getLogger("effdense").warning(
+                "data.tile.size=%d but data.image_size=%s: the train transform fits (detection) or crops "
+                "(segmentation) each tile to data.image_size; equal sizes keep the native resolution",
+                tile.size, list(resolve_image_size(cfg)))
     return dataset
 
 def _check_cityscapes(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
@@ -142,7 +157,7 @@ def _coco_dataset(cfg: Config, split: str, train: bool):
     if dataset.num_classes != cfg.model.num_classes:
         raise DataError(classes_problem(annotation_file, dataset.num_classes, cfg.model.num_classes,
                                         cfg.data.label_map))
-    return dataset
+    return _tiled(dataset, cfg, train)
 
 def _coco_collate(cfg: Config, train: bool):
     from tasks.data.transforms.detection import detection_collate
@@ -170,7 +185,7 @@ def _synth_coco(root: str | Path, seed: int = 0, **options) -> Path:
 def _converted_dataset(cfg: Config, split: str, train: bool):
     from tasks.data.convert import converted_dataset
 
-    return converted_dataset(cfg, split, _detection_transform(cfg, train))
+    return _tiled(converted_dataset(cfg, split, _detection_transform(cfg, train)), cfg, train)
 
 def _check_converted(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
     from tasks.data.convert import check_converted

@@ -212,6 +212,8 @@ class PairedSegmentationDataset(Dataset):
     """Map-style dataset over ``(image, mask)`` file pairs listed by a format module.
 
     ``transform(image, target) -> (image, target)`` (``tasks.data.seg_transforms``).
+    ``use_tiles(size, overlap)`` (``data.tile``): one sample per tile of each image instead, the transform
+    running on the crop (``target["tile"]`` = its window (x1, y1, x2, y2) in the image).
     ``on_bad_sample="skip"``: unpaired files are left out at listing time, unreadable or invalid samples
     are replaced by the next good one; each is logged (``unpaired``, ``bad_samples``).
     """
@@ -235,10 +237,24 @@ class PairedSegmentationDataset(Dataset):
         self.bad_samples: list[Path] = []  # samples skipped while loading (per process)
         self.unpaired: list[str] = list(listing.problems)  # files left out at listing time (skip mode)
 
+    # data.tile: (pair index, window) per sample (tasks.data.tiles); None: one sample per whole image
+    tiles: list | None = None
+
+    def use_tiles(self, size: int, overlap: float = 0.2, workers: int = 8) -> None:
+        """One sample per tile of every image (``tasks.data.tiles``: the image's and its mask's crop, then
+        ``transform``); the image sizes are read from the files' headers once, here."""
+        from tasks.data.tiles import describe_tiles, image_sizes, tile_index
+
+        self.tiles = tile_index(image_sizes([pair.image for pair in self.pairs], workers), size, overlap)
+        describe_tiles(str(self.split_dir), len(self.pairs), len(self.tiles), size, overlap)
+
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.tiles) if self.tiles is not None else len(self.pairs)
 
     def __getitem__(self, index: int):
+        window = None
+        if self.tiles is not None:
+            index, window = self.tiles[index]
         for offset in range(len(self.pairs)):
             pair = self.pairs[(index + offset) % len(self.pairs)]
             if pair.image in self.bad_samples:
@@ -254,6 +270,12 @@ class PairedSegmentationDataset(Dataset):
         else:
             raise DataError(f"'{self.split_dir}': none of the {len(self.pairs)} samples is usable")
         target = {"mask": mask, "image_id": pair.image_id, "orig_size": tuple(mask.shape[-2:])}
+        if self.tiles is not None:  # the tile's crop of the image and the mask, in step
+            from tasks.data.tiles import crop_image, fit_window
+
+            window = fit_window(window, *mask.shape[-2:])  # a replacement (skip) of another size: moved inside
+            image, mask = crop_image(image, window), crop_image(mask, window)
+            target.update(mask=mask, orig_size=tuple(mask.shape[-2:]), tile=window)
         if self.transform is not None:
             image, target = self.transform(image, target)
         return image, target

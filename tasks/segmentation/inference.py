@@ -16,23 +16,20 @@ def slide_logits(run, images: torch.Tensor, window: Sequence[int], stride: Seque
     """Sliding-window logits: ``run`` on each window, overlaps averaged with a count map.
 
     Windows start every ``stride`` pixels; the last row/column is moved back to end at the border; an
-    image smaller than the window is one window (the network takes any size).
+    image smaller than the window is one window (the network takes any size). The grid is
+    ``tasks.data.tiles.tile_grid``'s, the one training tiles (``data.tile``) and detection slices use.
     """
+    from tasks.data.tiles import tile_grid
+
     height, width = images.shape[-2:]
-    (wh, ww), (sh, sw) = window, stride
-    rows = max(height - wh + sh - 1, 0) // sh + 1
-    cols = max(width - ww + sw - 1, 0) // sw + 1
     total = counts = None
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * sh + wh, height), min(c * sw + ww, width)
-            y1, x1 = max(y2 - wh, 0), max(x2 - ww, 0)
-            logits = run(images[..., y1:y2, x1:x2]).float()
-            if total is None:
-                total = logits.new_zeros(images.shape[0], logits.shape[1], height, width)
-                counts = logits.new_zeros(1, 1, height, width)
-            total[..., y1:y2, x1:x2] += logits
-            counts[..., y1:y2, x1:x2] += 1
+    for x1, y1, x2, y2 in tile_grid(height, width, tuple(window), step=tuple(stride)):
+        logits = run(images[..., y1:y2, x1:x2]).float()
+        if total is None:
+            total = logits.new_zeros(images.shape[0], logits.shape[1], height, width)
+            counts = logits.new_zeros(1, 1, height, width)
+        total[..., y1:y2, x1:x2] += logits
+        counts[..., y1:y2, x1:x2] += 1
     return total / counts
 
 
@@ -63,13 +60,23 @@ def pair(value, name: str) -> tuple[int, int]:
 
 
 def inference_options(cfg) -> dict:
-    """``SegmentationTask``'s inference options for ``data.eval``: TTA, and the windows of ``mode: slide``."""
+    """``SegmentationTask``'s inference options for ``data.eval``: TTA, and the windows of ``mode: slide``.
+
+    Slide windows: ``data.eval.window``, else the training tile (``data.tile.size``) with the step of
+    ``data.tile.overlap`` (the grid the model was trained on), else ``data.image_size`` with a step of 2/3 of
+    the window; ``data.eval.stride`` overrides the step."""
     from tasks.config import resolve_image_size
+    from tasks.data.tiles import tile_step
 
     ev, size = cfg.data.eval, resolve_image_size(cfg)
+    tile = getattr(cfg.data, "tile", None)
     options = {"flip": ev.flip, "scales": tuple(ev.scales)}
     if ev.mode == "slide":
-        window = tuple(ev.window or size)
-        stride = tuple(ev.stride or (max(1, window[0] * 2 // 3), max(1, window[1] * 2 // 3)))
-        options.update(inference="slide", window=window, stride=stride)
+        if ev.window is None and tile is not None and tile.size is not None:
+            window = (int(tile.size), int(tile.size))
+            step = (tile_step(window[0], tile.overlap),) * 2
+        else:
+            window = tuple(ev.window or size)
+            step = (max(1, window[0] * 2 // 3), max(1, window[1] * 2 // 3))
+        options.update(inference="slide", window=window, stride=tuple(ev.stride or step))
     return options
