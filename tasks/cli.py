@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C outside training (which saves and stops by itself): one line, exit 130
-        print(f"effdense: {args.command} interrupted (Ctrl-C); nothing more was written", file=sys.stderr)
+        print(f"effdense: {args.command} interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except EffdenseError as error:
         # User-caused problems (config, data, weights, run directory): one line; anything else is a bug

@@ -20,10 +20,11 @@ config's ``train.amp`` and ``train.channels_last``, on uint8 batches as the load
 On the CPU nothing catches running out of memory (the kernel kills the process), so each scale is
 planned first (``tasks.budget.memory``): its peak is estimated on the meta device and compared with the
 free memory. A scale whose batch-1 training step would not fit is not started: its row says ``skipped``
-("needs ~X GB at batch 1, this machine has Y GB free"). Where the config's batch would not fit, the
-step (or the throughput) is measured at the largest batch that does; and each timed phase is kept
-under ``max_seconds`` (default ``CPU_PHASE_SECONDS``) by a smaller batch, judged from the time per image
-measured before it (the batch-1 latency; for the step, 3x the inference time per image).
+("needs ~X GB at batch 1, this machine has Y GB free (80% of it planned on)"). Where the config's
+batch would not fit, the step (or the throughput) is measured at the largest batch that does; and each
+timed phase is kept under ``max_seconds`` (default ``CPU_PHASE_SECONDS``) by a smaller batch, judged
+from the time per image measured before it (the batch-1 latency; for the step, 3x the inference time
+per image).
 ``extra["train_batch"]`` / ``["eval_batch"]`` are the batches used and ``note`` says why; the per-image
 figures (latency, img/s, ``train_ms_per_image``) stay comparable across rows.
 
@@ -241,6 +242,9 @@ def measure_scale(cfg, *, device: torch.device | str | None = None, runs: int | 
         del model
         release_memory(device)
     result.extra.update(eval_batch=eval_batch, train_batch=train_batch)
+    if plan is not None:  # the estimate at the batches used
+        plan.eval_batch, plan.train_batch = eval_batch, train_batch
+        result.extra["memory"] = plan.as_dict()
     if plan is not None and result.status == "ok":
         result.note = "; ".join(f"{what} at b{batch} ({', '.join(why)})" for what, batch, why in
                                 (("img/s", eval_batch, plan.eval_reason), ("step", train_batch, plan.train_reason))
@@ -377,8 +381,9 @@ def _cpu_batch_size(cfg, device: torch.device, build: Callable, free_gb: Callabl
     estimate = estimate_memory(cfg, build, ema=bool(cfg.train.ema))
     usable = free * MEMORY_MARGIN
     if estimate.train_gb(batch) <= usable:
-        return BatchSizeResult(batch, scaled_lr(cfg), f"{head}; data.batch_size={batch} fits the memory estimate "
-                                                      f"(~{estimate.train_gb(batch):.1f} GB, {free:.1f} GB free): keeping it")
+        return BatchSizeResult(batch, scaled_lr(cfg),
+                               f"{head}; data.batch_size={batch} fits the memory estimate "
+                               f"(~{estimate.train_gb(batch):.1f} GB of {usable:.1f} GB usable): keeping it")
     chosen = neat_batch(estimate.largest_batch(usable, train=True, cap=batch))
     if chosen < 1:
         raise BudgetError(f"train.batch_size=auto: this model needs ~{estimate.train_gb(1):.1f} GB to train at batch 1 "
@@ -387,8 +392,9 @@ def _cpu_batch_size(cfg, device: torch.device, build: Callable, free_gb: Callabl
     final = copy.deepcopy(cfg)
     final.data.batch_size = chosen
     return BatchSizeResult(chosen, scaled_lr(final),
-                           f"{head}; data.batch_size={batch} needs ~{estimate.train_gb(batch):.1f} GB, {free:.1f} GB "
-                           f"free: using {chosen} (~{estimate.train_gb(chosen):.1f} GB); lr {scaled_lr(final):.4g}")
+                           f"{head}; data.batch_size={batch} needs ~{estimate.train_gb(batch):.1f} GB of "
+                           f"{usable:.1f} GB usable ({free:.1f} GB free): using {chosen} "
+                           f"(~{estimate.train_gb(chosen):.1f} GB); lr {scaled_lr(final):.4g}")
 
 
 def _probe(cfg, batch: int, device: torch.device, steps: int, build: Callable) -> float:

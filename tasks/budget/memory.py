@@ -23,7 +23,7 @@ bf16 unless said), measured / estimated GB. Training: B0 224x224 batch 8 0.54 / 
 0.78 / 1.58; phi 4 batch 64 2.26 / 5.03 -- 1.5-2.2x. The estimate guards, it does not predict.
 
 Free memory: ``/proc/meminfo`` MemAvailable (what the kernel can hand out without swapping), else psutil,
-else ``os.sysconf``; only ``MEMORY_MARGIN`` of it is planned on (other processes, allocator caching).
+else ``os.sysconf``; only ``MEMORY_MARGIN`` of it is planned on ("usable": other processes, fragmentation).
 """
 
 from __future__ import annotations
@@ -183,13 +183,14 @@ def plan_batches(estimate: MemoryEstimate, free_gb: float | None, train_batch: i
     usable = free_gb * margin
     need = max(estimate.train_gb(1) if train else 0.0, estimate.eval_gb(1))
     if need > usable:
-        plan.skip = f"needs ~{need:.1f} GB at batch 1, this machine has {free_gb:.1f} GB free"
+        plan.skip = (f"needs ~{need:.1f} GB at batch 1, this machine has {free_gb:.1f} GB free "
+                     f"({margin:.0%} of it planned on)")
         return plan
     if train and estimate.train_gb(train_batch) > usable:
         plan.train_batch = neat_batch(estimate.largest_batch(usable, train=True, cap=train_batch))
-        plan.train_reason.append(f"b{train_batch} needs ~{estimate.train_gb(train_batch):.1f} GB, "
-                                 f"{free_gb:.1f} GB free")
+        plan.train_reason.append(f"b{train_batch} needs ~{estimate.train_gb(train_batch):.1f} GB of {usable:.1f} "
+                                 f"GB usable")
     if estimate.eval_gb(eval_batch) > usable:
         plan.eval_batch = neat_batch(estimate.largest_batch(usable, train=False, cap=eval_batch))
-        plan.eval_reason.append(f"b{eval_batch} needs ~{estimate.eval_gb(eval_batch):.1f} GB, {free_gb:.1f} GB free")
+        plan.eval_reason.append(f"b{eval_batch} needs ~{estimate.eval_gb(eval_batch):.1f} GB of {usable:.1f} GB usable")
     return plan

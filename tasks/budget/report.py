@@ -22,7 +22,7 @@ def _accuracy_label(task: str) -> str:
 
 def row_status(row) -> str:
     """'fits', 'over: latency', 'oom (out of memory ...)', 'skipped (needs ~X GB ...)'; for measured rows
-    also the batches lowered on the CPU ('fits; step at b16 (b128 needs ~19.6 GB, 17.9 GB free)')."""
+    also the batches lowered on the CPU ('fits; step at b72 (b128 needs ~19.7 GB of 17.5 GB usable)')."""
     m = row.measurement
     if m.status == "ok":
         status = "fits" if row.fits else "over: " + ", ".join(LIMIT_LABELS[k] for k in row.violations)

@@ -64,7 +64,8 @@ def search_phi(cfg, limits: Limits, low: float = 0.0, high: float | None = None,
     if hi <= lo:
         what = f"--max-phi {bound:g} is not above" if ceiling <= lo else "the range is empty at"
         raise BudgetError(f"--search phi: {what} phi {low:g}, where the search starts")
-    settings = {"runs": runs, "image_size": image_size, "search": "phi", "step": step, "max_phi": round(ceiling * step, 4)}
+    settings = {"runs": runs, "image_size": image_size, "search": "phi", "step": step,
+                "max_phi": round(ceiling * step, 4)}
     rows: dict[int, Row] = {}
 
     def ordered() -> list[Row]:

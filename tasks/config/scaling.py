@@ -139,7 +139,8 @@ def random_images(cfg, batch_size: int, generator):
     import torch
 
     height, width = resolve_image_size(cfg)
-    return torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8, generator=generator)
+    bands = cfg.model.in_channels
+    return torch.randint(0, 256, (batch_size, bands, height, width), dtype=torch.uint8, generator=generator)
 
 
 # EfficientNet paper, Table 2 (shared/reference/efficientnet.md)
