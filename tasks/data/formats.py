@@ -59,14 +59,9 @@ def _imagefolder_synth(root: str | Path, seed: int = 0, classes: int = 4, **opti
 # -- cityscapes and mask folders (segmentation) ------------------------------------------------------
 
 def _segmentation_transform(cfg: Config, train: bool):
-    from tasks.data.transforms.segmentation import eval_transform_for, segmentation_train_transform
+    from tasks.data.transforms.segmentation import eval_transform_for, train_transform_for
 
-    if not train:
-        return eval_transform_for(cfg)
-    augment = cfg.data.augment
-    return segmentation_train_transform(resolve_image_size(cfg), (augment.scale_min, augment.scale_max),
-                                        hflip=augment.hflip, photometric=augment.photometric,
-                                        ignore_index=cfg.data.ignore_index)
+    return train_transform_for(cfg) if train else eval_transform_for(cfg)
 
 def _cityscapes_dataset(cfg: Config, split: str, train: bool):
     from tasks.data.cityscapes import CityscapesDataset, NUM_CLASSES

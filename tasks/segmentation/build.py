@@ -14,6 +14,7 @@ from backbones.errors import WeightsError
 from backbones.weights import load_weights, read_state_dict
 from heads.bifpn_seg import (DEFAULT_LEVELS, TAP_LEVELS, BiFPNSegDecoder, BiFPNSegHead, backbone_taps, check_levels,
                              levels_for_crop)
+from heads.fcn import FCNHead
 from heads.unet import AuxClassificationHead, SegmentationHead, UNetDecoder
 
 from tasks.config.scaling import backbone_spec, bifpn_size, decoder_widths
@@ -26,10 +27,11 @@ from .model import SegmentationTask, Segmenter, load_whole
 
 log = logging.getLogger("effdense")
 
-__all__ = ["build_segmenter", "build_model", "build_loss", "check_mode", "load_whole", "dataset_classes", "HEADS",
-           "UNET_DEFAULTS"]
+__all__ = ["build_segmenter", "build_model", "build_loss", "build_fcn_head", "check_mode", "load_whole",
+           "dataset_classes", "HEADS", "UNET_DEFAULTS", "FCN_TAP"]
 
 HEADS = ("unet", "bifpn")
+FCN_TAP = "s16"  # the FCN auxiliary head's input: mmseg's in_index=2 of a ResNet (res4, stride 16 undilated)
 UNET_DEFAULTS = dict(decoder_channels=(256, 128, 64, 32, 16), attention=None, decoder_norm="batchnorm",
                      upsampling="nearest", encoder_depth=5)
 
@@ -215,7 +217,9 @@ def _head_options(cfg) -> dict:
 
 def build_model(cfg) -> SegmentationTask:
     """The segmentation task module a ``tasks.config.SegmentationConfig`` describes. Whole-model
-    ``model.weights`` replace ``model.backbone_weights`` (which are then not read, nor fetched)."""
+    ``model.weights`` replace ``model.backbone_weights`` (which are then not read, nor fetched).
+    ``model.segmentation.fcn_aux`` adds the training-only FCN head (:func:`build_fcn_head`) to the task
+    module, its loss weighted by ``loss.fcn_aux_weight``."""
     m, head = cfg.model, cfg.model.segmentation
     check_mode(cfg)
     criterion = build_loss(cfg)  # a loss the mode cannot take fails before the network is built
@@ -238,7 +242,22 @@ def build_model(cfg) -> SegmentationTask:
     names, categories = dataset_classes(cfg)
     return SegmentationTask(net, class_names=names, **pixel_options(cfg), criterion=criterion,
                             ignore_index=cfg.data.ignore_index, categories=categories, **inference_options(cfg),
-                            mode=head.mode, threshold=cfg.data.eval.threshold)
+                            mode=head.mode, threshold=cfg.data.eval.threshold,
+                            fcn_head=build_fcn_head(net, m.num_classes) if head.fcn_aux else None, fcn_tap=FCN_TAP)
+
+
+def build_fcn_head(net: Segmenter, num_classes: int) -> FCNHead:
+    """mmseg's auxiliary ``FCNHead`` as its Cityscapes configs set it (one 3x3 conv of 256 + BN + ReLU,
+    no input concatenation, dropout 0.1, 1x1 classifier) on ``net``'s ``s16`` tap; a tap the backbone does
+    not compute is a one-line ``ConfigError``."""
+    from tasks.config import ConfigError
+
+    specs = {spec.name: spec for spec in net.backbone.feature_info}
+    if FCN_TAP not in specs:
+        raise ConfigError(f"model.segmentation.fcn_aux reads the backbone's {FCN_TAP} tap, which this decoder does "
+                          f"not tap (taps: {', '.join(specs)}); expected model.segmentation.bifpn_levels reaching P4 "
+                          f"(or a larger data.image_size), or model.segmentation.fcn_aux=false")
+    return FCNHead(specs[FCN_TAP].channels, num_classes, channels=256, num_convs=1, concat_input=False, dropout=0.1)
 
 
 def build_loss(cfg) -> SegmentationLoss:
@@ -253,7 +272,8 @@ def build_loss(cfg) -> SegmentationLoss:
                                 class_weights=loss.class_weights, ohem_thresh=loss.ohem_thresh if loss.ohem else None,
                                 ohem_min_kept=loss.ohem_min_kept, aux_weight=loss.aux_weight,
                                 focal_gamma=loss.focal_gamma, mode=mode, pos_weight=loss.pos_weight,
-                                tversky_alpha=loss.tversky_alpha, tversky_beta=loss.tversky_beta)
+                                tversky_alpha=loss.tversky_alpha, tversky_beta=loss.tversky_beta,
+                                fcn_aux_weight=loss.fcn_aux_weight)
     except ValueError as error:
         message = str(error)
         raise ConfigError(message if "loss." in message else f"loss.{message}") from None

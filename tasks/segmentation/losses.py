@@ -20,8 +20,12 @@ averaged over the channels -- what smp's multilabel ``FocalLoss`` computes, exce
 (``bce`` or ``pos_weight`` in multiclass; ``class_weights`` or OHEM outside it) is a one-line error.
 
 With the auxiliary head on, ``aux_presence`` adds a multi-label BCE on which classes (multiclass) or
-channels (binary / multilabel: a pixel of value 1) each image contains. The engine sums the returned
-terms; each is already weighted.
+channels (binary / multilabel: a pixel of value 1) each image contains. With the FCN auxiliary head
+(mmseg's, on the stride-16 tap; training only), ``fcn_aux`` is ``fcn_aux_weight`` x the pixel loss of its
+logits resized to the masks (bilinear, ``align_corners=False``): cross-entropy with ``ignore_index`` and
+``class_weights`` (multiclass; no OHEM), BCE with ``pos_weight`` (binary / multilabel), averaged over the
+labelled pixels as the main terms are (mmseg's default averages over every pixel, ignored ones as 0).
+The engine sums the returned terms; each is already weighted.
 
 OHEM (online hard example mining): among the labelled pixels of the batch, keep those whose softmax
 probability of the true class is below ``max(thresh, p_k)``, where ``p_k`` is the ``min_kept``-th
@@ -131,14 +135,15 @@ class SegmentationLoss(nn.Module):
 
     ``class_weights`` apply to cross-entropy (and OHEM). ``ohem_thresh=None`` turns OHEM off.
     ``pos_weight`` (one per channel) applies to BCE. ``aux_weight`` scales ``aux_presence`` when
-    ``forward`` receives aux logits. ``num_classes`` is the number of output channels (1 in binary mode).
+    ``forward`` receives aux logits, ``fcn_aux_weight`` scales ``fcn_aux`` when it receives FCN logits.
+    ``num_classes`` is the number of output channels (1 in binary mode).
     """
 
     def __init__(self, num_classes: int, losses: Mapping[str, float] | None = None, ignore_index: int = 255,
                  class_weights: Sequence[float] | None = None, ohem_thresh: float | None = None,
                  ohem_min_kept: int = 100_000, aux_weight: float = 0.4, focal_gamma: float = 2.0,
                  mode: str = "multiclass", pos_weight: Sequence[float] | None = None, tversky_alpha: float = 0.5,
-                 tversky_beta: float = 0.5):
+                 tversky_beta: float = 0.5, fcn_aux_weight: float = 0.4):
         super().__init__()
         losses = dict(losses if losses is not None else {"cross_entropy": 1.0})
         unknown = [name for name in losses if name not in LOSS_TERMS]
@@ -160,6 +165,7 @@ class SegmentationLoss(nn.Module):
         self.mode, self.num_classes, self.ignore_index = mode, num_classes, ignore_index
         self.weights = {name: float(w) for name, w in losses.items()}
         self.ohem_thresh, self.ohem_min_kept, self.aux_weight = ohem_thresh, ohem_min_kept, aux_weight
+        self.fcn_aux_weight = float(fcn_aux_weight)
         self.register_buffer("class_weights", None if class_weights is None else
                              torch.tensor(class_weights, dtype=torch.float32), persistent=False)
         self.register_buffer("pos_weight", None if pos_weight is None else
@@ -182,8 +188,8 @@ class SegmentationLoss(nn.Module):
             made["tversky"] = smp_losses.TverskyLoss(mode, ignore_index=ignore, alpha=alpha, beta=beta)
         return made
 
-    def forward(self, logits: torch.Tensor, masks: torch.Tensor,
-                aux_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, logits: torch.Tensor, masks: torch.Tensor, aux_logits: torch.Tensor | None = None,
+                fcn_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         logits = logits.float()
         if masks.shape[-2:] != logits.shape[-2:]:
             raise ValueError(f"masks {tuple(masks.shape)} and logits {tuple(logits.shape)} differ in size; "
@@ -204,7 +210,19 @@ class SegmentationLoss(nn.Module):
         if aux_logits is not None:
             targets = presence_targets(masks, aux_logits.shape[1], self.ignore_index, self.mode)
             out["aux_presence"] = self.aux_weight * F.binary_cross_entropy_with_logits(aux_logits.float(), targets)
+        if fcn_logits is not None:
+            out["fcn_aux"] = self.fcn_aux_weight * self.fcn_aux(fcn_logits, masks)
         return out
+
+    def fcn_aux(self, fcn_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The FCN auxiliary head's pixel loss, unweighted: its logits resized to the masks (see the module
+        docstring); ``masks`` as ``forward`` has them (binary: with the channel axis)."""
+        resized = F.interpolate(fcn_logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        if self.mode != "multiclass":
+            return masked_bce(resized, masks, self.ignore_index, self.pos_weight)
+        if not (masks != self.ignore_index).any():
+            return resized.sum() * 0.0
+        return F.cross_entropy(resized, masks, weight=self.class_weights, ignore_index=self.ignore_index)
 
     def _cross_entropy(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         if self.ohem_thresh is not None:

@@ -9,6 +9,9 @@ own files and, for the U-Net head, state dicts saved from smp's ``Unet`` (``task
 ``SegmentationTask`` is the engine's task protocol around it: uint8 images in, normalised on the
 device; train mode ``forward(images, targets)`` returns the named loss terms
 (``tasks.segmentation.losses``); eval mode ``forward(images)`` returns logits on the input canvas.
+The FCN auxiliary head (mmseg's, ``heads.fcn.FCNHead`` on the backbone's ``s16`` tap) belongs to the task
+module, not to ``net``: only training runs it (its ``fcn_aux`` loss term); evaluation, ``model.safetensors``
+(``net``'s weights) and exported graphs (``net``) never hold it.
 
 Modes (smp's, ``model.segmentation.mode``): ``multiclass`` (C channels, softmax, argmax), ``binary`` (one
 channel, sigmoid) and ``multilabel`` (C channels, a sigmoid each); in the sigmoid modes a pixel is the
@@ -72,13 +75,19 @@ class Segmenter(nn.Module):
         return "bifpn" if isinstance(self.decoder, BiFPNSegDecoder) else "unet"
 
     def forward(self, x: torch.Tensor):
-        taps = list(self.backbone(x).values())
+        return self.forward_with_taps(x)[0]
+
+    def forward_with_taps(self, x: torch.Tensor):
+        """(what ``forward`` returns, the backbone's taps by name: ``{"s2": ..., "s32": ...}``) -- for the
+        heads that only training runs (the FCN auxiliary head reads ``s16``)."""
+        features = self.backbone(x)
+        taps = list(features.values())
         logits = self.head(self.decoder(taps, x.shape[-2:]))
         if logits.shape[-2:] != x.shape[-2:]:  # a head that classifies at a coarser stride (BiFPN: P2)
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.aux_head is None:
-            return logits
-        return logits, self.aux_head(taps[-1])
+            return logits, features
+        return (logits, self.aux_head(taps[-1])), features
 
 
 class SegmentationTask(PixelNormalization):
@@ -89,6 +98,8 @@ class SegmentationTask(PixelNormalization):
     input by each factor; the logits of all passes are averaged at the input size.
     ``categories``: ``[(name, [class indices])]`` for the evaluator's category mIoU.
     ``mode``: ``multiclass``, ``binary`` or ``multilabel``; ``threshold``: the sigmoid modes' decision.
+    ``fcn_head``: a training-only head on the backbone tap ``fcn_tap`` (``s16``) whose logits go to the
+    criterion as ``fcn_logits`` (``heads.fcn.FCNHead``; None: none).
     """
 
     primary_metric = "mIoU"
@@ -97,7 +108,8 @@ class SegmentationTask(PixelNormalization):
                  criterion: SegmentationLoss | None = None, ignore_index: int = 255, inference: str = "whole",
                  window: Sequence[int] | None = None, stride: Sequence[int] | None = None, flip: bool = False,
                  scales: Sequence[float] = (1.0,), categories: Sequence[tuple[str, Sequence[int]]] | None = None,
-                 mode: str = "multiclass", threshold: float = 0.5, **pixel):
+                 mode: str = "multiclass", threshold: float = 0.5, fcn_head: nn.Module | None = None,
+                 fcn_tap: str = "s16", **pixel):
         super().__init__(mean, std, **pixel)  # normalisation on the device (pixel: input_range / percentiles)
         if inference not in INFERENCE_MODES:
             raise ValueError(f"inference={inference!r} is not one of {', '.join(INFERENCE_MODES)}")
@@ -119,6 +131,11 @@ class SegmentationTask(PixelNormalization):
         self.inference, self.window, self.stride = inference, window, stride
         self.flip, self.scales = flip, tuple(float(s) for s in scales)
         self.categories = categories
+        if fcn_head is not None:
+            taps = [spec.name for spec in net.backbone.feature_info]
+            if fcn_tap not in taps:
+                raise ValueError(f"fcn_tap={fcn_tap!r} is not among the backbone's taps ({', '.join(taps)})")
+        self.fcn_head, self.fcn_tap = fcn_head, fcn_tap
 
     @property
     def num_classes(self) -> int:
@@ -131,9 +148,13 @@ class SegmentationTask(PixelNormalization):
                 raise ValueError("SegmentationTask in train mode needs targets ({'masks': int64 (N, H, W), "
                                  "multilabel (N, C, H, W)})")
             masks = targets["masks"] if isinstance(targets, Mapping) else targets
-            out = self.net(x)
+            if self.fcn_head is None:
+                out, extra = self.net(x), {}
+            else:
+                out, taps = self.net.forward_with_taps(x)
+                extra = {"fcn_logits": self.fcn_head(taps[self.fcn_tap])}
             logits, aux = out if isinstance(out, tuple) else (out, None)
-            return self.criterion(logits, masks, aux)
+            return self.criterion(logits, masks, aux, **extra)
         return self.infer(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
