@@ -3,8 +3,8 @@
 As effdet/automl: the top ``max_candidates`` (anchor, class) logits of each image over all levels,
 their boxes decoded on the anchors and clipped to the input, then per-class NMS — hard
 (``torchvision.ops.batched_nms``, IoU 0.5, effdet's default) or gaussian soft-NMS (the official
-EfficientDet evaluation: scores decay by exp(-IoU^2 / (2 sigma)), sigma 0.5, TensorFlow's
-``non_max_suppression_with_scores`` convention; effdet's own soft-NMS uses exp(-IoU^2 / sigma)) —
+EfficientDet evaluation: scores decay by exp(-IoU^2 / sigma), sigma 0.5, as automl's ``nms_np.soft_nms``
+(its TF2 path passes sigma / 2 to TensorFlow's op, whose convention is exp(-IoU^2 / (2 sigma))) and effdet) —
 and the best ``max_detections`` kept. No score threshold by default: COCO evaluation wants them all.
 """
 
@@ -113,7 +113,7 @@ def _soft_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
     current = torch.where(scores > settings.score_threshold, scores, torch.full_like(scores, -1.0))
     rows = torch.arange(batch, device=scores.device)
     picks, picked_scores = [], []
-    scale = -1.0 / (2.0 * settings.sigma)
+    scale = -1.0 / settings.sigma  # exp(-IoU^2 / sigma): automl's nms_np.soft_nms and effdet (sigma 0.5)
     for _ in range(min(settings.max_detections, k)):
         best_score, best = current.max(dim=1)
         picks.append(best)

@@ -1,9 +1,10 @@
 """Optimizer, per-iteration learning-rate schedule and EMA builders (torch.optim pieces, plus TF's RMSProp).
 
-* The learning rate is scaled linearly with the global batch:
-  ``lr = optim.lr * batch_size * world_size * grad_accum / optim.base_batch_size``.
-* Weight decay skips every parameter with ``ndim <= 1`` (norm weights and biases) when
-  ``optim.no_decay_norm_and_bias`` is set.
+* The learning rate is scaled linearly with the global batch G (``tasks.engine.batching``: G is
+  ``data.global_batch_size``, else ``data.batch_size * world_size * grad_accum``):
+  ``lr = optim.lr * G / optim.base_batch_size``.
+* Weight decay skips every parameter with ``ndim <= 1`` (norm weights and biases, BiFPN fusion weights)
+  when ``optim.no_decay_norm_and_bias`` is set.
 * The schedule counts optimizer steps (not epochs): linear warm-up over
   ``round(warmup_epochs * steps_per_epoch)`` steps from ``warmup_start_factor`` to 1, then cosine
   (down to ``min_lr_ratio``), step (``step_gamma`` every ``step_epochs``, counted from the end of
@@ -24,10 +25,12 @@ from torch import nn
 from torch.optim import lr_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tasks.engine.batching import global_batch
+
+
 def scaled_lr(cfg: Any, world_size: int = 1) -> float:
     """The peak learning rate for this run: ``optim.lr`` scaled by global batch / ``optim.base_batch_size``."""
-    global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum
-    return cfg.optim.lr * global_batch / cfg.optim.base_batch_size
+    return cfg.optim.lr * global_batch(cfg, world_size) / cfg.optim.base_batch_size
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_and_bias: bool) -> list[dict]:
@@ -118,9 +121,10 @@ def build_optimizer(model: nn.Module, cfg: Any, world_size: int = 1) -> torch.op
     return OPTIMIZERS[opt.name](groups, scaled_lr(cfg, world_size), opt)
 
 
-def steps_per_epoch(batches_per_epoch: int, grad_accum: int) -> int:
-    """Optimizer steps in one epoch (a short final accumulation group still steps)."""
-    return math.ceil(batches_per_epoch / grad_accum)
+def steps_per_epoch(batches_per_epoch: int, grad_accum: int, whole_steps: bool = False) -> int:
+    """Optimizer steps in one epoch: a short final accumulation group still steps, unless ``whole_steps``
+    (``data.global_batch_size``: every step holds the whole global batch, the rest of the epoch is left)."""
+    return batches_per_epoch // grad_accum if whole_steps else math.ceil(batches_per_epoch / grad_accum)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: Any, steps_per_epoch: int) -> lr_scheduler.LRScheduler:

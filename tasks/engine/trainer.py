@@ -41,6 +41,7 @@ from torch import nn
 
 from tasks.engine import checkpoint as ckpt
 from tasks.engine import distributed as dist_utils
+from tasks.engine.batching import batch_plan, check_train_batch, ema_step_decay
 from tasks.engine.distributed import to_device
 from tasks.engine.errors import EngineError, NonFiniteLossError, TrainingInterrupted
 from tasks.engine.evaluate import autocast, images_to_device, is_improvement, run_evaluation
@@ -61,10 +62,12 @@ class Trainer:
     ``create_run_dir=False`` writes nothing (benchmarks). ``cfg`` is a validated ``tasks.config`` config.
     ``run_files``: ``{file name: JSON-able data}`` written into the run directory when ``fit`` starts
     (the CLI's ``scale.json``: what the compound coefficient resolved to).
+    ``epoch_callbacks``: callables ``(trainer, epoch)`` run at each epoch start (progressive learning's stages).
     """
 
     def __init__(self, model: nn.Module, loaders: dict, cfg: Any, run_dir: str | Path | None = None,
-                 create_run_dir: bool = True, run_files: dict[str, Any] | None = None):
+                 create_run_dir: bool = True, run_files: dict[str, Any] | None = None,
+                 epoch_callbacks: list | None = None):
         try:
             batches = len(loaders["train"]) if "train" in loaders else 1  # evaluation-only without "train"
         except TypeError:
@@ -88,10 +91,14 @@ class Trainer:
         elif cfg.model.sync_bn and self.dist.enabled:
             log.warning("model.sync_bn=true ignored: SyncBatchNorm needs CUDA; CPU processes keep their own statistics")
         self.model = model  # the plain task module: what checkpoints hold and evaluation runs
-        self.ema = ModelEMA(model, t.ema_decay, warmup=t.ema_warmup) if t.ema else None
+        self.plan = batch_plan(cfg, self.dist.world_size)  # global batch = processes x accum x micro-batch
+        self.accum, self.global_batch = self.plan.accum, self.plan.global_batch
+        check_train_batch(loaders, self.plan)
+        self.ema_decay = ema_step_decay(cfg, self.global_batch)  # per step: one decay per image
+        self.ema = ModelEMA(model, self.ema_decay, warmup=t.ema_warmup) if t.ema else None
         self.optimizer = build_optimizer(model, cfg, self.dist.world_size)
-        self.steps_per_epoch = steps_per_epoch(batches, t.grad_accum)
-        self.global_batch = cfg.data.batch_size * self.dist.world_size * t.grad_accum
+        self.steps_per_epoch = steps_per_epoch(batches, self.accum, whole_steps=self.plan.from_global)
+        self.batches_per_epoch = self.steps_per_epoch * self.accum if self.plan.from_global else batches
         self.scheduler = build_schedule(self.optimizer, cfg, self.steps_per_epoch)
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.ddp = None
@@ -109,11 +116,12 @@ class Trainer:
         self.run_dir = Path(dist_utils.broadcast_object(str(run_dir)))
         self._create_run_dir = create_run_dir
         self.run_files = dict(run_files or {})
+        self.epoch_callbacks = list(epoch_callbacks or [])
         self.epoch = self.step = self.batch_in_epoch = 0  # position: epoch in progress, steps done, batches used
         self.best: float | None = None
         self.history: list[dict] = []  # one record per evaluation (what metrics.jsonl holds)
         self._stop = dist_utils.StopSignals()
-        self._losses = LossTracker(self.device, t.log_every * t.grad_accum)
+        self._losses = LossTracker(self.device, t.log_every * self.accum)
         self._runlog: RunLog | None = None
         self._last_checkpoint: str | None = None
         self._saved_step: int | None = None
@@ -122,9 +130,9 @@ class Trainer:
         self._evaluator_info: tuple[str, bool] | None = None
         self.last_evaluator = None
         if self.is_main:
-            log.info("training on %s x%d: global batch %d, lr %.4g, %d steps/epoch", self.device,
-                     self.dist.world_size, self.global_batch, scaled_lr(cfg, self.dist.world_size),
-                     self.steps_per_epoch)
+            log.info("training on %s x%d: %s, lr %.4g, %d steps/epoch%s", self.device, self.dist.world_size,
+                     self.plan.describe(), scaled_lr(cfg, self.dist.world_size), self.steps_per_epoch,
+                     f", EMA decay {self.ema_decay:.6g} per step" if self.ema else "")
 
     @property
     def is_main(self) -> bool:
@@ -144,6 +152,8 @@ class Trainer:
             while self.epoch < t.epochs and not self._max_steps_reached():
                 if self._stop.agreed(self.device):
                     self._interrupt()
+                for callback in self.epoch_callbacks:  # they may replace self.loaders["train"] (same length)
+                    callback(self, self.epoch)
                 reason = self._train_epoch(self.epoch)
                 if reason == "signal" and self.batch_in_epoch:  # at an epoch end, evaluate/save first as usual
                     self._interrupt()
@@ -202,7 +212,7 @@ class Trainer:
         ckpt.restore_training_state(state, path, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                     scheduler=self.scheduler, scaler=self.scaler)
         if self.ema is not None and state.get("ema") is None:  # EMA switched on now: start it from these weights
-            self.ema = ModelEMA(self.model, self.train_cfg.ema_decay)
+            self.ema = ModelEMA(self.model, self.ema_decay)
         self.run_dir = Path(path).resolve().parent  # a resume continues in the checkpoint's own directory, always
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.best = state["best"]["value"]
@@ -238,7 +248,7 @@ class Trainer:
         """Train from ``self.batch_in_epoch`` to the epoch's end; returns why it stopped early, if it did."""
         t, loader = self.train_cfg, self.loaders["train"]
         batches, skip = self._start_epoch(loader, epoch)
-        total, accum = len(loader), t.grad_accum
+        total, accum = self.batches_per_epoch, self.accum
         self.train_model.train()
         self._epoch_sums, self._epoch_rows, self._epoch_images = None, 0, 0
         self._window_images, self._window_start = 0, time.perf_counter()
@@ -275,7 +285,7 @@ class Trainer:
                 self._sync_window(bar)
                 if reason is None and self.dist.enabled and self._stop.agreed(self.device):
                     reason = "signal"
-            if reason:
+            if reason or index + 1 >= total:  # a global batch: the batches after the last whole step wait
                 break
         if self._losses.rows:
             self._sync_window(bar)
@@ -309,7 +319,7 @@ class Trainer:
         finite = torch.isfinite(rows).all(dim=1) & torch.isfinite(rows.sum(dim=1))
         if not bool(finite.all()):
             bad_row = int((~finite).nonzero()[0])
-            accum = self.train_cfg.grad_accum
+            accum = self.accum
             bad_step = self.step - math.ceil(len(rows) / accum) + bad_row // accum
             terms = dict(zip(self._losses.names, rows[bad_row].tolist()))
             raise NonFiniteLossError(bad_step, self.epoch, terms, self._last_checkpoint)

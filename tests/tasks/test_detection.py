@@ -156,7 +156,7 @@ def _soft_nms_reference(boxes, scores, classes, sigma, limit):
         for i in remaining:
             if classes[i] == classes[best]:
                 iou = float(box_iou(boxes[best:best + 1], boxes[i:i + 1]))
-                scores[i] *= math.exp(-iou * iou / (2 * sigma))
+                scores[i] *= math.exp(-iou * iou / sigma)  # automl's nms_np.soft_nms
     return picked
 
 
