@@ -53,7 +53,8 @@ def cmd_train(args) -> int:
         _check_labels(cfg)
         scale = registry.describe_scale(cfg)  # what model.phi / model.scale resolves to
         run_files["scale.json"] = scale
-        trainer = Trainer(registry.build_model(cfg), loaders, cfg, run_files=run_files)
+        trainer = Trainer(registry.build_model(cfg), loaders, cfg, run_files=run_files,
+                          epoch_callbacks=registry.get(cfg.model.task).epoch_callbacks(cfg))
         if trainer.is_main:
             log.info("scale: %s", ", ".join(f"{k}={v}" for k, v in scale.items() if v is not None))
         if args.resume:

@@ -34,7 +34,8 @@ def run_demo(task: str = "classification", output: str | None = None, overrides:
     cfg.train.overwrite = overwrite or not output  # the demo's own directory is meant to be run again and again
     scale = registry.describe_scale(cfg)
     print("scale: " + ", ".join(f"{k}={v}" for k, v in scale.items() if v is not None))
-    trainer = Trainer(registry.build_model(cfg), build_loaders(cfg), cfg, run_files={"scale.json": scale})
+    trainer = Trainer(registry.build_model(cfg), build_loaders(cfg), cfg, run_files={"scale.json": scale},
+                      epoch_callbacks=row.epoch_callbacks(cfg))
     start = time.perf_counter()
     try:
         trainer.fit()

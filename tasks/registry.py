@@ -40,6 +40,7 @@ class Task:
     summary_keys: tuple[str, ...]  # the resolved sizes `effdense backbones --task` shows per scale
     demo_preset: str  # a shipped preset name (tasks.config.presets)
     demo_overrides: Callable = lambda overrides: []  # (the user's --set list) -> what the demo data needs first
+    epoch_callbacks: Callable = lambda cfg: []  # (cfg) -> the trainer's per-epoch hooks (progressive learning)
 
     @property
     def formats(self) -> list[str]:
@@ -59,7 +60,7 @@ def _add(task: Task) -> None:
 
 _add(Task("classification", ClassificationConfig, classification.build_model, classification.predict,
           classification_scale.describe_scale, classification_scale.example_batch, classification_scale.SCALES,
-          classification_scale.SUMMARY_KEYS, "demo/classification"))
+          classification_scale.SUMMARY_KEYS, "demo/classification", epoch_callbacks=classification.epoch_callbacks))
 _add(Task("segmentation", SegmentationConfig, segmentation.build_model, segmentation.predict,
           segmentation_scale.describe_scale, segmentation_scale.example_batch, segmentation_scale.SCALES,
           segmentation_scale.SUMMARY_KEYS, "demo/segmentation", segmentation.demo_overrides))

@@ -8,7 +8,8 @@ cross-entropy, scored by top-1 / top-5.
 from .evaluate import TopKEvaluator
 from .model import ClassificationTask, Classifier, build_classifier, build_model
 from .predict import class_names_of, imagenet_categories, predict
+from .progressive import epoch_callbacks, progressive_callback
 from .scale import describe_scale
 
 __all__ = ["Classifier", "ClassificationTask", "TopKEvaluator", "build_classifier", "build_model", "predict",
-           "class_names_of", "imagenet_categories", "describe_scale"]
+           "class_names_of", "imagenet_categories", "describe_scale", "progressive_callback", "epoch_callbacks"]

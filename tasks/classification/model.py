@@ -1,4 +1,5 @@
-"""The classification network (backbone + classifier head) and its task module (label-smoothed cross-entropy)."""
+"""The classification network (backbone + classifier head) and its task module (label-smoothed cross-entropy;
+with Mixup / CutMix, the soft-target cross-entropy of the mixed batch)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tasks.config.schema import IMAGENET_MEAN, IMAGENET_STD
 from tasks.engine.normalize import PixelNormalization, pixel_options
 
 from .evaluate import TopKEvaluator
+from .mixup import MixupCutmix, soft_target_cross_entropy
 
 
 class Classifier(nn.Module):
@@ -47,23 +49,33 @@ def build_classifier(name: str, num_classes: int = 1000, weights: str | None = N
 
 
 class ClassificationTask(PixelNormalization):
-    """The task protocol for classification: uint8 images in; losses (train) or logits (eval) out."""
+    """The task protocol for classification: uint8 images in; losses (train) or logits (eval) out.
+
+    ``mixup``/``cutmix``: Beta alphas (0: off) of :class:`~tasks.classification.mixup.MixupCutmix`, applied to
+    normalised training batches; the loss is then the soft-target cross-entropy (label smoothing inside the
+    targets, as timm's ``mixup_target``), still logged as ``cross_entropy``. ``self.mix.mixup`` may be changed
+    between epochs (progressive learning)."""
 
     primary_metric = "top1"
 
     def __init__(self, net: Classifier, mean=IMAGENET_MEAN, std=IMAGENET_STD, label_smoothing: float = 0.0,
-                 class_names: list[str] | None = None, **pixel):
+                 class_names: list[str] | None = None, mixup: float = 0.0, cutmix: float = 0.0, **pixel):
         super().__init__(mean, std, **pixel)  # normalisation on the device (pixel: input_range / percentiles)
         self.net = net
         self.class_names = class_names  # stored with the weights; predict reads them back
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.mix = MixupCutmix(net.head.num_classes, mixup, cutmix, label_smoothing)
 
     @property
     def num_classes(self) -> int:
         return self.net.head.num_classes
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
-        logits = self.net(self.normalize(images))
+        images = self.normalize(images)
+        if self.training and self.mix.active:
+            images, soft = self.mix(images, targets)
+            return {"cross_entropy": soft_target_cross_entropy(self.net(images), soft)}
+        logits = self.net(images)
         if self.training:
             return {"cross_entropy": self.criterion(logits, targets)}
         return logits
@@ -98,5 +110,6 @@ def build_model(cfg) -> ClassificationTask:
         from backbones.weights import load_weights
 
         load_weights(net.backbone, model_cfg.backbone_weights)
-    return ClassificationTask(net, **pixel_options(cfg),
-                              label_smoothing=cfg.loss.label_smoothing)
+    augment = cfg.data.augment
+    return ClassificationTask(net, **pixel_options(cfg), label_smoothing=cfg.loss.label_smoothing,
+                              mixup=augment.mixup, cutmix=augment.cutmix)

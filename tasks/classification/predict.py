@@ -33,12 +33,12 @@ def predict(cfg, model, paths: list[str], out: str | None = None, topk: int = 5,
     the printed line names the file written)."""
     from tasks.config import resolve_image_size
     from tasks.data.images import image_options, read_image
-    from tasks.data.transforms.classification import classification_eval_transform
+    from tasks.data.transforms.classification import eval_transform_for
 
     model.eval()
     device = next(model.parameters()).device
     classes = class_names_of(model)
-    transform = classification_eval_transform(cfg.data.augment, resolve_image_size(cfg))
+    transform = eval_transform_for(cfg, resolve_image_size(cfg))
     results = []
     for path in paths:
         image = transform(read_image(path, **image_options(cfg))).unsqueeze(0).to(device)

@@ -152,7 +152,7 @@ class ClassificationAugmentConfig:
     scale_min: float = number(0.08, FRACTION_ABOVE_ZERO)  # RandomResizedCrop lower scale bound
     randaugment: bool = True
     randaugment_ops: int = number(2, NON_NEGATIVE)
-    randaugment_magnitude: int = number(9, Range(0, 10))  # on TF's scale (0..10, the papers' M), as timm's rand-m9
+    randaugment_magnitude: int = number(9, Range(0, 30))  # on TF's scale (10 = the ops' full strength, as timm's rand-m9; the papers go to 28)
     autoaugment: bool = False  # the EfficientNet paper's AutoAugment policy (in place of RandAugment)
     random_erasing: float = number(0.0, FRACTION)  # probability per image (timm's reprob)
     interpolation: str = choice("bicubic", "bicubic", "bilinear")  # resizing, train and eval
@@ -332,7 +332,7 @@ class ProgressiveConfig:
 
     stages: int = number(1, AT_LEAST_ONE)  # 1: off
     image_size: Optional[list[int]] = numbers(None, Range(32), length=2)  # [first, last] square sides
-    randaugment: Optional[list[int]] = numbers(None, Range(0, 10), length=2)  # magnitudes
+    randaugment: Optional[list[int]] = numbers(None, Range(0, 30), length=2)  # magnitudes (V2-S: [5, 15])
     dropout: Optional[list[float]] = numbers(None, FRACTION_BELOW_ONE, length=2)
     mixup: Optional[list[float]] = numbers(None, NON_NEGATIVE, length=2)
 

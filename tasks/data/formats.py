@@ -19,7 +19,7 @@ from tasks.config import Config, resolve_image_size
 from tasks.data.errors import DataError
 from tasks.data.imagefolder import ImageFolderDataset, class_mismatch, list_split, num_classes_problem
 from tasks.data.images import ImageReader, image_options
-from tasks.data.transforms.classification import classification_eval_transform, train_transform_for
+from tasks.data.transforms.classification import eval_transform_for, train_transform_for
 
 @dataclass(frozen=True)
 class DataFormat:
@@ -36,7 +36,7 @@ class DataFormat:
 
 def _imagefolder_dataset(cfg: Config, split: str, train: bool) -> ImageFolderDataset:
     size = resolve_image_size(cfg)  # training: progressive learning's stages replace the transform (its size)
-    transform = train_transform_for(cfg, size) if train else classification_eval_transform(cfg.data.augment, size)
+    transform = train_transform_for(cfg, size) if train else eval_transform_for(cfg, size)
     dataset = ImageFolderDataset(cfg.data.root, split, transform, cfg.data.on_bad_sample, image_options(cfg))
     if train:  # the label of a class is its index among the sorted folder names: both splits must agree
         mismatch = class_mismatch(dataset.listing, list_split(cfg.data.root, cfg.data.val_split))
