@@ -62,6 +62,10 @@ TABLE: dict[str, Any] = {
     "train.max_steps": SKIP,  # the sweep's own setting (one step)
     "train.progress": SKIP,  # bars off in tests; on is the default everywhere else
     "train.seed": lambda c: [1],
+    "train.progressive.image_size": lambda c: [[32, 48]],
+    "train.progressive.randaugment": lambda c: [[2, 6]],
+    "train.progressive.dropout": lambda c: [[0.1, 0.3]],
+    "train.progressive.mixup": lambda c: [[0.0, 0.2]],
 }
 
 
