@@ -146,10 +146,11 @@ def list_cityscapes(root: str | Path, split: str) -> PairListing:
 
 
 class CityscapesReader(PairReader):
-    """Per mask file: labelIds through the official table, labelTrainIds as they are (validated)."""
+    """Per mask file: labelIds through the official table, labelTrainIds as they are (validated); the tables'
+    void (255) becomes ``ignore_index`` (``data.ignore_index``)."""
 
-    def __init__(self):
-        super().__init__(NUM_CLASSES, IGNORE)
+    def __init__(self, ignore_index: int = IGNORE):
+        super().__init__(NUM_CLASSES, ignore_index)
 
     def table(self, mask_path: Path) -> tuple[torch.Tensor, str]:
         if mask_path.name.endswith(TRAIN_IDS_SUFFIX):
@@ -164,9 +165,10 @@ class CityscapesDataset(PairedSegmentationDataset):
     categories = CATEGORIES
     colors = TRAIN_ID_COLORS
 
-    def __init__(self, root: str | Path, split: str, transform: Callable | None = None, on_bad_sample: str = "error"):
+    def __init__(self, root: str | Path, split: str, transform: Callable | None = None, on_bad_sample: str = "error",
+                 ignore_index: int = IGNORE):
         self.root, self.split = Path(root), split
-        super().__init__(list_cityscapes(root, split), self.root / "leftImg8bit" / split, CityscapesReader(),
+        super().__init__(list_cityscapes(root, split), self.root / "leftImg8bit" / split, CityscapesReader(ignore_index),
                          transform, on_bad_sample)
 
 

@@ -70,7 +70,7 @@ def _cityscapes_dataset(cfg: Config, split: str, train: bool):
         raise DataError(f"model.num_classes={cfg.model.num_classes} but Cityscapes has {NUM_CLASSES} train ids; "
                         f"set model.num_classes={NUM_CLASSES}")
     return _read_images(CityscapesDataset(cfg.data.root, split, _segmentation_transform(cfg, train),
-                                          cfg.data.on_bad_sample), cfg, train)
+                                          cfg.data.on_bad_sample, cfg.data.ignore_index), cfg, train)
 
 def _maskfolder_dataset(cfg: Config, split: str, train: bool):
     from tasks.data.maskfolder import MaskFolderDataset

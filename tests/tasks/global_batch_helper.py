@@ -47,6 +47,9 @@ def main() -> None:
                 "step": trainer.step, "lr": trainer.optimizer.param_groups[0]["initial_lr"],
                 "ema_decay": trainer.ema.decay, "first_epoch": first_epoch,
                 "params": trainer.model.state_dict()}, out / f"rank{rank}.pt")
+    from tasks.engine import distributed
+
+    distributed.cleanup()  # leave the process group before exit (as ddp_helper.py does)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,15 @@ def test_imagenet_preset_is_the_published_recipe():
     assert (cfg.model.backbone, cfg.model.num_classes, cfg.model.drop_path) == ("efficientnet-b0", 1000, 0.2)
     assert (cfg.data.format, cfg.data.root, cfg.data.image_size, cfg.data.batch_size) == ("imagefolder", "data/imagenet", None, 128)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.base_batch_size) == ("rmsprop_tf", 0.016, 256)
+    assert cfg.data.global_batch_size == 4096  # the paper's batch: 0.016 x 4096 / 256 = 0.256
     assert (cfg.optim.rmsprop_alpha, cfg.optim.momentum, cfg.optim.eps, cfg.optim.weight_decay) == (0.9, 0.9, 1e-3, 1e-5)
     assert cfg.optim.no_decay_norm_and_bias
     assert (cfg.schedule.name, cfg.schedule.step_gamma, cfg.schedule.step_epochs, cfg.schedule.warmup_epochs) == ("step", 0.97, 2.4, 5)
     assert (cfg.train.epochs, cfg.loss.label_smoothing, cfg.train.ema, cfg.train.ema_decay) == (350, 0.1, True, 0.9999)
     augment = cfg.data.augment
-    assert (augment.randaugment, augment.randaugment_ops, augment.randaugment_magnitude) == (True, 2, 9)
+    # the paper's B0 used AutoAugment (the reference code's policy v0), bicubic resizing
+    assert (augment.autoaugment, augment.randaugment, augment.interpolation) == (True, False, "bicubic")
+    assert (augment.randaugment_ops, augment.randaugment_magnitude) == (2, 9)  # the alternative, rand-m9-n2
     assert (cfg.train.amp, cfg.train.channels_last, cfg.data.workers) == ("bf16", True, 8)
     assert C.resolve_image_size(cfg) == (224, 224)  # B0's native resolution (paper, Table 1)
 

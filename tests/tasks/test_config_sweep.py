@@ -32,6 +32,8 @@ DATA = {
     "cityscapes": ({"train_per_city": 2, "val_per_city": 1, "size": (64, 128)}, ["data.image_size=64", "model.num_classes=19"]),
     "maskfolder": ({"train": 4, "val": 2, "size": (64, 96)}, ["data.image_size=64", "model.num_classes=6"]),
     "coco": ({"train_images": 4, "val_images": 2, "min_size": 64, "max_size": 96}, ["data.image_size=128"]),
+    "voc": ({"train_images": 4, "val_images": 2, "min_size": 64, "max_size": 96}, ["data.image_size=128"]),
+    "yolo": ({"train_images": 4, "val_images": 2, "min_size": 64, "max_size": 96}, ["data.image_size=128"]),
 }
 RUN = ["data.workers=0", "data.batch_size=2", "data.eval_batch_size=2", "train.device=cpu", "train.progress=false",
        "train.max_steps=1", "train.epochs=1", "train.log_every=1", "data.pin_memory=false"]
@@ -122,10 +124,12 @@ def test_every_key_works_or_says_why_in_one_line(task, key, value, data):
     run_name = f"{task}-{key}-{len(RESULTS.get(task, []))}"
     base = [f"data.root={roots[fmt]}", f"data.format={fmt}", *DATA[fmt][1], *RUN,
             f"train.output_dir={files['output_dir']}", f"train.run_name={run_name}"]
-    if any(f"@{name}" in yaml_value(value) for name in ("weights", "backbone_weights")) and "weights" not in files:
-        _weights(task, base, files, factory)
-    for name, path in files.items():
-        setting = setting.replace(f"@{name}", str(path))
+    if any(f"@{name}" in yaml_value(value) for name in ("weights", "backbone_weights")) and task not in files:
+        files[task] = {}
+        _weights(task, base, files[task], factory)  # each task's own backbone
+    for name, path in {**files, **files.get(task, {})}.items():
+        if isinstance(path, str):
+            setting = setting.replace(f"@{name}", path)
     outcome = _run(row, base + WITH.get(setting, []) + [setting], key, base)
     RESULTS.setdefault(task, []).append((setting, outcome))
 

@@ -67,8 +67,8 @@ def test_smp_checkpoint_strict_errors(tmp_path, caplog):
     del broken["decoder.blocks.1.conv2.0.weight"]
     broken["decoder.extra.weight"] = torch.zeros(1)
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match=r"1 missing \(decoder\.blocks\.1\.conv2\.conv\.weight\); "
-                                         r"1 unexpected \(decoder\.extra\.weight\)"):
+    with pytest.raises(ValueError, match=r"1 missing keys \(decoder\.blocks\.1\.conv2\.conv\.weight\); "
+                                         r"1 unexpected keys \(decoder\.extra\.weight\)"):
         build_segmenter("efficientnet-b0", 5, weights=tmp_path / "broken.pth")
     no_stem = {k: v for k, v in state.items() if k != "encoder.blocks.0.0.conv_dw.weight"}
     torch.save(no_stem, tmp_path / "no_dw.pth")
