@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench gpu-report clean
+.PHONY: test test-slow demo bench gpu-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,export]"
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+test: $(STAMP)  # the default run: everything but the tests marked slow (make test-slow runs those)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)  # the demos trained to their targets and the other long tests
+	$(BIN)/python -m pytest -q -m slow tests
 
 demo: $(STAMP)
 	$(BIN)/effdense demo classification

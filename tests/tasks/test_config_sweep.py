@@ -52,6 +52,9 @@ MODEL_KEYS = ("model.", "loss.", "data.eval.", "data.tile.", "data.mean", "data.
               "data.normalize", "data.percentiles", "data.format", "data.class_names", "data.ignore_index",
               "data.label_map", "data.val_annotations", "data.val_split", "data.image_size", "train.seed")
 BUILT: dict[tuple, torch.nn.Module] = {}
+# Keys about the run directory: only these write one (checkpoints, TensorBoard and plots cost seconds a setting)
+RUN_DIR_KEYS = ("train.output_dir", "train.run_name", "train.overwrite", "train.checkpoint_every", "train.log_every",
+                "train.eval_every", "train.epochs", "train.ema")
 
 
 def settings() -> list[tuple[str, str, object]]:
@@ -151,7 +154,7 @@ def _run(row, overrides: list[str], key: str, base: list[str]) -> str:
             raise DataError(problems[0])
         model = _model(row, cfg, key, base)
         loaders = build_loaders(cfg)
-        trainer = Trainer(model, loaders, cfg, create_run_dir=key.startswith("train."))  # the keys about the run
+        trainer = Trainer(model, loaders, cfg, create_run_dir=key in RUN_DIR_KEYS)
         metrics = trainer.fit()
     except EffdenseError as error:
         message = str(error)
