@@ -9,7 +9,7 @@ from torch import nn
 import backbones
 from heads import ClassificationHead
 
-from tasks.config.scaling import backbone_spec
+from tasks.config.scaling import backbone_build
 from tasks.config.schema import IMAGENET_MEAN, IMAGENET_STD
 from tasks.engine.normalize import PixelNormalization, pixel_options
 
@@ -92,12 +92,7 @@ def build_model(cfg) -> ClassificationTask:
     them); ``model.backbone_weights`` only the backbone.
     """
     model_cfg = cfg.model
-    name, options = backbone_spec(model_cfg)
-    for key in ("norm_eps", "norm_momentum"):
-        if getattr(model_cfg, key) is not None:
-            options[key] = getattr(model_cfg, key)
-    if model_cfg.in_channels != 3:  # the stem takes the bands; ImageNet stems are adapted, not re-initialised
-        options["in_channels"] = model_cfg.in_channels
+    name, options = backbone_build(model_cfg)
     dropout = model_cfg.dropout
     if dropout is None and model_cfg.phi is not None:  # a fractional phi: between the two rows' dropouts
         from tasks.config.scaling import backbone_at

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["named_scale", "backbone_spec", "backbone_at", "backbone_at_model", "detection_scale", "detector_at",
+__all__ = ["named_scale", "backbone_spec", "backbone_build", "backbone_at", "backbone_at_model", "detection_scale", "detector_at",
            "detector_row", "decoder_widths", "bifpn_size", "resolve_image_size", "describe_backbone", "random_images", "LAST_NAMED",
            "ScaleFamily", "IMAGENET_TOP1", "B_SCALES"]
 
@@ -35,6 +35,18 @@ def backbone_spec(model) -> tuple[str, dict]:
     if model.scale is not None:
         return f"efficientnet-b{model.scale}", {}
     return model.backbone, {}
+
+
+def backbone_build(model) -> tuple[str, dict]:
+    """:func:`backbone_spec` plus the options every task passes to ``backbones.create`` from ``model``: the
+    BatchNorm settings when set, and ``in_channels`` when not 3 (ImageNet stems are adapted, not re-initialised)."""
+    name, options = backbone_spec(model)
+    for key in ("norm_eps", "norm_momentum"):
+        if getattr(model, key) is not None:
+            options[key] = getattr(model, key)
+    if model.in_channels != 3:
+        options["in_channels"] = model.in_channels
+    return name, options
 
 
 def detection_scale(model):

@@ -17,7 +17,7 @@ from heads.bifpn_seg import (DEFAULT_LEVELS, TAP_LEVELS, BiFPNSegDecoder, BiFPNS
 from heads.fcn import FCNHead
 from heads.unet import AuxClassificationHead, SegmentationHead, UNetDecoder
 
-from tasks.config.scaling import backbone_spec, bifpn_size, decoder_widths
+from tasks.config.scaling import backbone_build, bifpn_size, decoder_widths
 from tasks.engine.normalize import pixel_options
 
 from . import smp as smp_interop
@@ -223,12 +223,7 @@ def build_model(cfg) -> SegmentationTask:
     m, head = cfg.model, cfg.model.segmentation
     check_mode(cfg)
     criterion = build_loss(cfg)  # a loss the mode cannot take fails before the network is built
-    name, options = backbone_spec(m)
-    for key in ("norm_eps", "norm_momentum"):
-        if getattr(m, key) is not None:
-            options[key] = getattr(m, key)
-    if m.in_channels != 3:  # the stem takes the bands; ImageNet stems are adapted, not re-initialised
-        options["in_channels"] = m.in_channels
+    name, options = backbone_build(m)
     # Left unset, an smp checkpoint's flavour decides these (stem s2 tap, TF padding); set, they must agree.
     if m.padding != "symmetric":
         options["padding"] = m.padding

@@ -18,6 +18,7 @@ import backbones
 from backbones.errors import WeightsError
 from heads.efficientdet import LITE_PRESETS, PRESETS, efficientdet_preset
 from tasks.detection import build_detector
+from tests.heads.test_efficientdet import _count, _redundant_biases
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,17 +47,6 @@ def _effdet(name, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return effdet.create_model(name, pretrained=False, pretrained_backbone=False, **kwargs)
-
-
-def _count(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def _redundant_biases(state):
-    """effdet's conv biases directly before a BatchNorm (what our import folds into the BN)."""
-    return sum(v.numel() for k, v in state.items()
-               if k.startswith(("fpn.", "class_net.conv_rep", "box_net.conv_rep")) and k.endswith(".bias")
-               and (".conv_pw." in k or ".conv.conv." in k))
 
 
 # ---------------------------------------------------------------------------------------- the rows
