@@ -149,6 +149,12 @@ def _check_keys(raw: dict, schema: type, prefix: str, source: str, root: type | 
             _check_keys(value, fields[key], prefix=f"{key_path}.", source=source, root=root)
         elif metadata[key].get("size") and isinstance(value, int) and not isinstance(value, bool):
             raw[key] = [value, value]
+        elif isinstance(value, bool) and _YAML_WORDS[value] & set(metadata[key].get("choices", ())):
+            # YAML reads an unquoted off / on / no / yes as a boolean: give a word choice its word back
+            raw[key] = next(word for word in metadata[key]["choices"] if word in _YAML_WORDS[value])
+
+
+_YAML_WORDS = {False: {"off", "no", "false"}, True: {"on", "yes", "true"}}
 
 
 def _task_note(key_path: str, schema: type) -> str:

@@ -57,7 +57,7 @@ TABLE: dict[str, Any] = {
     "loss.ohem_min_kept": lambda c: [64],
     "train.device": lambda c: ["cpu"],
     "train.output_dir": lambda c: [c["files"]["output_dir"]],
-    "train.run_name": lambda c: ["sweep-named"],
+    "train.run_name": lambda c: [f"sweep-named-{c['task']}"],
     "train.epochs": lambda c: [2],
     "train.max_steps": SKIP,  # the sweep's own setting (one step)
     "train.progress": SKIP,  # bars off in tests; on is the default everywhere else

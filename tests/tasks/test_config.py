@@ -222,3 +222,16 @@ def test_save_then_load_gives_an_equal_config(tmp_path):
     assert again == cfg
     assert dataclasses.asdict(again) == C.to_dict(cfg)
     assert C.to_dict(cfg)["model"]["phi"] == 2.5 and C.to_dict(cfg)["optim"]["weight_decay"] == 4e-5
+
+
+def test_an_unquoted_yaml_off_is_the_word_off(tmp_path):
+    """YAML 1.1 reads `check: off` as false; a choice field that holds the word takes it back."""
+    import yaml
+
+    raw = yaml.safe_load(open(IMAGENET))
+    raw["data"]["check"] = False  # what `check: off` parses to
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert C.load(path).data.check == "off"
+    assert C.load(IMAGENET, ["data.check=off"]).data.check == "off"
+    assert "must be one of" in load_error(IMAGENET, "data.check=true")  # no word for true there

@@ -39,6 +39,7 @@ RUN = ["data.workers=0", "data.batch_size=2", "data.eval_batch_size=2", "train.d
        "train.max_steps=1", "train.epochs=1", "train.log_every=1", "data.pin_memory=false"]
 # Settings whose data must change with them (the key's value decides what the files must hold).
 WITH = {"data.label_map=category_id": ["model.num_classes=11"],  # one class per category id (synthetic ids 3, 7, 11)
+        "model.in_channels=1": ["data.mean=[0.45]", "data.std=[0.23]"],  # one value per band
         # a progressive schedule needs stages (and an epoch for each); its RandAugment ramp needs RandAugment on
         **{f"train.progressive.{key}": ["train.progressive.stages=2", "train.epochs=2", "data.augment.randaugment=true"]
            for key in ("image_size=[32,48]", "randaugment=[2,6]", "dropout=[0.1,0.3]", "mixup=[0.0,0.2]")}}
