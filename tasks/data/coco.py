@@ -38,7 +38,7 @@ log = logging.getLogger("effdense")
 __all__ = ["LAYOUT", "REQUIRED", "LABEL_MAPS", "CocoFormatError", "BadAnnotationError", "MissingImageError",
            "CocoDetection", "coco_paths", "annotation_paths", "read_annotation_file", "category_maps",
            "classes_problem", "annotation_problem", "boxes_problem", "clipped_xyxy", "build_coco", "check_coco",
-           "SplitAnnotations", "header_size", "image_problems"]
+           "SplitAnnotations", "image_problems"]
 
 ON_BAD_SAMPLE_CHOICES = ("error", "skip")
 
@@ -132,23 +132,6 @@ class SplitAnnotations:
     def to_coco(self) -> dict:
         """A copy of the COCO dict (for pycocotools, a json, the converter)."""
         return copy.deepcopy(self.data)
-
-
-def header_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from an image file's header (nothing decoded), None when it is not a readable image."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return int(image.width), int(image.height)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        pass
-    from tasks.data.images import decode
-
-    try:  # what Pillow cannot open (multi-band or float TIFFs): decoded
-        return tuple(int(v) for v in reversed(decode(path).shape[-2:]))
-    except DataError:
-        return None
 
 
 class CocoDetection(Dataset):

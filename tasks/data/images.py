@@ -34,7 +34,7 @@ from tasks.data.errors import DataError
 
 log = logging.getLogger("effdense")
 
-__all__ = ["display_rgb", "IMAGE_EXTENSIONS", "TIFF_EXTENSIONS", "UnreadableImageError", "ImageFormatError", "ImageReader",
+__all__ = ["header_size", "display_rgb", "IMAGE_EXTENSIONS", "TIFF_EXTENSIONS", "UnreadableImageError", "ImageFormatError", "ImageReader",
            "EightBitOnly", "read_rgb", "read_image", "decode", "describe_dtype", "depth_problem", "image_options",
            "is_scaled", "reading_images", "value_range", "workable"]
 
@@ -272,3 +272,20 @@ def display_rgb(image: torch.Tensor) -> torch.Tensor:
     flat = image.to(torch.float32).flatten(1)
     low, high = flat.min(1).values.view(3, 1, 1), flat.max(1).values.view(3, 1, 1)
     return ((image.to(torch.float32) - low) / (high - low).clamp_min(1e-12) * 255).round().to(torch.uint8)
+
+
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header (nothing decoded); what Pillow cannot open (multi-band or
+    float TIFFs) is decoded; None when the file is missing or not a readable image."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as image:
+            return int(image.width), int(image.height)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        pass
+    try:
+        return tuple(int(v) for v in reversed(decode(path).shape[-2:]))
+    except DataError:
+        return None

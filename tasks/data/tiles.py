@@ -134,28 +134,12 @@ def image_sizes(paths: Sequence[Path], workers: int = 8) -> list[tuple[int, int]
     multi-band or float TIFFs); None for a file that is missing or unreadable."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from tasks.data.images import header_size
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(_header_hw, paths))
+        sizes = pool.map(header_size, paths)
+        return [None if size is None else (size[1], size[0]) for size in sizes]  # (height, width)
 
-
-def _header_hw(path: Path) -> tuple[int, int] | None:
-    from PIL import Image
-
-    from tasks.data.errors import DataError
-    from tasks.data.images import decode
-
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        with Image.open(path) as image:
-            return int(image.height), int(image.width)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        pass
-    try:  # what Pillow cannot open (multi-band or float TIFFs): decoded
-        return tuple(int(v) for v in decode(path).shape[-2:])
-    except DataError:
-        return None
 
 
 def describe_tiles(name: str, images: int, tiles: int, size: int, overlap: float) -> None:

@@ -27,7 +27,8 @@ from pathlib import Path
 from xml.parsers import expat
 from xml.sax.saxutils import escape
 
-from tasks.data.coco import SplitAnnotations, header_size
+from tasks.data.coco import SplitAnnotations
+from tasks.data.images import header_size
 from tasks.data.errors import DataError
 from tasks.data.images import IMAGE_EXTENSIONS
 

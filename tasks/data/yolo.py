@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tasks.data.coco import SplitAnnotations, header_size
+from tasks.data.coco import SplitAnnotations
+from tasks.data.images import header_size
 from tasks.data.errors import DataError
 from tasks.data.images import IMAGE_EXTENSIONS
 

@@ -102,7 +102,9 @@ def test_class_bias_prior_and_shared_convs():
     assert len(model.class_net.convs) == 3 and [len(n) for n in model.class_net.norms] == [5, 5, 5]
 
 
-def _randomised_effdet(name, seed=0, **kwargs):
+def _randomised_effdet(name, seed=0, score_spread=8.0, **kwargs):
+    """effdet's model with random BatchNorm statistics, biases and fusion weights (what a strict import must carry
+    over); the class predictor scaled by ``score_spread`` so the scores rank without near-ties."""
     torch.manual_seed(seed)
     theirs = _effdet(name, **kwargs)
     with torch.no_grad():
@@ -117,7 +119,7 @@ def _randomised_effdet(name, seed=0, **kwargs):
                 param.uniform_(-0.1, 0.1)  # redundant biases must be folded, not dropped
             elif key.endswith("edge_weights"):
                 param.uniform_(0.2, 1.5)
-        theirs.class_net.predict.conv_pw.weight.mul_(8.0)  # spread the scores: no near-ties in the ranking
+        theirs.class_net.predict.conv_pw.weight.mul_(score_spread)
     return theirs.eval()
 
 
