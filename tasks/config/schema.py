@@ -102,6 +102,10 @@ class DetectionHeadConfig:
     candidates: int = number(5000, AT_LEAST_ONE)  # top-k before NMS
     max_detections: int = number(100, AT_LEAST_ONE)
     score_threshold: float = number(0.0, FRACTION_BELOW_ONE)  # 0: keep all (COCO evaluation wants them)
+    # which anchors learn each box: iou (IoU >= 0.5, each box's best anchor forced; effdet) or atss (Zhang et al.
+    # 2020: per level the atss_topk locations nearest the box centre, IoU above their mean + std, centre inside)
+    assigner: str = choice("iou", "iou", "atss")
+    atss_topk: int = number(9, AT_LEAST_ONE)
 
 
 @dataclass
@@ -212,6 +216,15 @@ class DetectionAugmentConfig:
     hflip: float = number(0.5, FRACTION)
     scale_min: float = number(0.1, POSITIVE)  # scale jitter, then crop/pad to image_size
     scale_max: float = number(2.0, POSITIVE)
+    # the small-data recipe (ultralytics' names and meanings; 0 = off)
+    mosaic: float = number(0.0, FRACTION)  # probability of a 4-image mosaic (then the affine below crops it)
+    mixup: float = number(0.0, FRACTION)  # probability of blending in a second (mosaic) sample, boxes of both kept
+    close_mosaic: int = number(0, NON_NEGATIVE)  # the last N epochs train without mosaic and mixup
+    hsv_h: float = number(0.0, FRACTION)  # random gains: hue +-hsv_h (fraction of the circle)
+    hsv_s: float = number(0.0, FRACTION)  # saturation x (1 +- hsv_s)
+    hsv_v: float = number(0.0, FRACTION)  # value x (1 +- hsv_v)
+    translate: float = number(0.0, FRACTION_BELOW_ONE)  # random affine: shift +-translate x size
+    affine_scale: float = number(0.0, FRACTION_BELOW_ONE)  # random affine: zoom 1 +- affine_scale
 
 
 @dataclass
@@ -291,7 +304,9 @@ class DetectionLossConfig:
     focal_alpha: float = number(0.25, OPEN_UNIT)
     focal_gamma: float = number(1.5, NON_NEGATIVE)
     huber_delta: float = number(0.1, POSITIVE)
-    box_weight: float = number(50.0, NON_NEGATIVE)
+    box_weight: float = number(50.0, NON_NEGATIVE)  # the Huber term's weight (box_loss huber)
+    box_loss: str = choice("huber", "huber", "giou", "ciou")  # on the codes (huber) or on the decoded boxes
+    iou_weight: float = number(2.0, NON_NEGATIVE)  # the GIoU / CIoU term's weight (box_loss giou / ciou)
 
 
 @dataclass
@@ -301,6 +316,9 @@ class TrainConfig:
     batch_size: Optional[str] = choice(None, None, "auto")
     epochs: int = number(10, AT_LEAST_ONE)
     max_steps: Optional[int] = number(None, AT_LEAST_ONE)  # stop early after this many optimizer steps (demos, benchmarks)
+    # minutes of training (null: no limit): after each epoch the epoch count is refitted to the time measured so
+    # far (schedule, warmup and closing epochs with it) and training stops once the time is spent
+    time_limit: Optional[float] = number(None, POSITIVE)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = choice("none", "none", "bf16", "fp16")
     channels_last: bool = False
