@@ -10,7 +10,9 @@ Matching (:func:`match_anchors`): IoU >= 0.5 positive, < 0.5 negative, and every
 forced onto its best anchor (ties: the lowest box index), as effdet's ``AnchorLabeler``; crowd boxes
 never become positives, and anchors that are not positive and lie mostly inside a crowd box
 (intersection over anchor area >= 0.5, the COCO crowd rule) are ignored. One ``box_iou`` call covers
-the whole padded batch: no Python loop over images and no host synchronisation.
+the whole padded batch: no Python loop over images and no host synchronisation. :func:`atss_match` is the
+ATSS alternative (adaptive IoU threshold per box over the nearest locations of each level), same inputs
+and outputs, same crowd rule, batched alike.
 """
 
 from __future__ import annotations
@@ -142,15 +144,12 @@ def match_anchors(anchors: torch.Tensor, boxes: torch.Tensor, labels: torch.Tens
     ``num_positives`` (N,) float32.
     """
     batch, count = labels.shape
-    num_anchors = anchors.shape[0]
-    device = anchors.device
     if count == 0:
-        return (torch.full((batch, num_anchors), BACKGROUND, dtype=torch.long, device=device),
-                torch.zeros(batch, num_anchors, 4, device=device), torch.zeros(batch, device=device))
-    boxes = boxes.to(device=device, dtype=torch.float32)
+        return _all_background(batch, anchors)
+    boxes = boxes.to(device=anchors.device, dtype=torch.float32)
     valid = labels >= 0
     real = valid if crowd is None else valid & ~crowd
-    iou = box_iou(boxes.reshape(-1, 4), anchors).view(batch, count, num_anchors)
+    iou = box_iou(boxes.reshape(-1, 4), anchors).view(batch, count, anchors.shape[0])
     iou_real = iou.masked_fill(~real.unsqueeze(-1), -1.0)
     best_iou, matched = iou_real.max(dim=1)  # per anchor: the best real box (first on ties)
     positive = best_iou >= threshold
@@ -159,13 +158,28 @@ def match_anchors(anchors: torch.Tensor, boxes: torch.Tensor, labels: torch.Tens
     # by several boxes goes to the lowest box index (effdet/TF). Boxes that overlap no anchor claim none.
     box_best_iou, box_best_anchor = iou_real.max(dim=2)
     claims = real & (box_best_iou > 0)
-    index = torch.arange(count, device=device).expand(batch, count)
-    claim = torch.full((batch, num_anchors), count, dtype=torch.long, device=device)
+    index = torch.arange(count, device=anchors.device).expand(batch, count)
+    claim = torch.full((batch, anchors.shape[0]), count, dtype=torch.long, device=anchors.device)
     claim.scatter_reduce_(1, box_best_anchor, torch.where(claims, index, count), reduce="amin")
     forced = claim < count
     matched = torch.where(forced, claim, matched)
     positive |= forced
+    return _targets(anchors, boxes, labels, crowd, iou, matched, positive)
 
+
+def _all_background(batch: int, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The targets of a batch without boxes: every anchor background, no positives."""
+    device = anchors.device
+    return (torch.full((batch, anchors.shape[0]), BACKGROUND, dtype=torch.long, device=device),
+            torch.zeros(batch, anchors.shape[0], 4, device=device), torch.zeros(batch, device=device))
+
+
+def _targets(anchors: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, crowd: torch.Tensor | None,
+             iou: torch.Tensor, matched: torch.Tensor, positive: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(class targets, box codes, positives per image) from each anchor's ``matched`` box index and
+    ``positive`` flag (N, A); ``iou`` (N, M, A). Non-positive anchors mostly inside a crowd box are ignored."""
+    valid = labels >= 0
     class_targets = labels.gather(1, matched).masked_fill(~positive, BACKGROUND)
     if crowd is not None:
         # Intersection over anchor area from the IoU: inter = iou * (area_a + area_b) / (1 + iou).
@@ -178,3 +192,63 @@ def match_anchors(anchors: torch.Tensor, boxes: torch.Tensor, labels: torch.Tens
     matched_boxes = boxes.gather(1, matched.unsqueeze(-1).expand(-1, -1, 4))
     box_targets = encode_boxes(matched_boxes, anchors).masked_fill(~positive.unsqueeze(-1), 0.0)
     return class_targets, box_targets, positive.sum(dim=1).float()
+
+
+# The margin (pixels) by which an ATSS candidate's centre must lie inside its box (the ATSS authors' 0.01).
+ATSS_CENTRE_MARGIN = 0.01
+
+
+def atss_match(anchors: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, crowd: torch.Tensor | None = None,
+               *, locations_per_level: Sequence[int], anchors_per_location: int, topk: int = 9
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ATSS targets (Zhang et al., CVPR 2020) for a padded batch; inputs and outputs as :func:`match_anchors`.
+
+    ``anchors`` in :class:`AnchorGenerator`'s layout: per level ``locations_per_level[l]`` locations, each
+    with ``anchors_per_location`` anchors sharing one centre. Per real box and per level, the ``topk``
+    locations whose centres are nearest (L2) the box centre (all of a level's locations where it has fewer)
+    give all their anchors as candidates. The box's IoU threshold is the mean + standard deviation (Bessel-
+    corrected, as the authors' code) of its candidates' IoUs over all levels; a candidate is positive when its
+    IoU reaches the threshold and its centre lies inside the box. An anchor positive for several boxes takes
+    the one with the highest IoU (first on ties). Crowd and padded boxes give no candidates; the crowd-ignore
+    rule of :func:`match_anchors` applies. Only the loop over the levels is in Python.
+
+    Why locations and not anchors: the anchors of one location are all at the same distance, so "the k nearest
+    anchors" would be settled by ties among the shapes; the k nearest locations (k x anchors-per-location
+    nearest anchors, also what the ATSS authors' code takes for several anchors per location) keep the paper's
+    spatial rule and let the IoU statistics choose among the shapes.
+    """
+    batch, count = labels.shape
+    num_anchors, device = anchors.shape[0], anchors.device
+    made = sum(locations_per_level) * anchors_per_location
+    if made != num_anchors:
+        raise ValueError(f"{num_anchors} anchors, but locations_per_level {list(locations_per_level)} x "
+                         f"{anchors_per_location} anchors per location make {made}")
+    if count == 0:
+        return _all_background(batch, anchors)
+    boxes = boxes.to(device=device, dtype=torch.float32)
+    real = labels >= 0 if crowd is None else (labels >= 0) & ~crowd
+    iou = box_iou(boxes.reshape(-1, 4), anchors).view(batch, count, num_anchors)
+
+    location_boxes = anchors[::anchors_per_location]
+    centres = (location_boxes[:, :2] + location_boxes[:, 2:]) / 2  # (locations, 2) xy
+    box_centres = ((boxes[..., :2] + boxes[..., 2:]) / 2).unsqueeze(2)  # (N, M, 1, 2)
+    nearest, start = [], 0
+    for locations in locations_per_level:  # (N, M, k) location indices per level
+        distance = (box_centres - centres[start:start + locations]).square().sum(-1)
+        nearest.append(distance.topk(min(topk, locations), dim=2, largest=False).indices + start)
+        start += locations
+    nearest = torch.cat(nearest, dim=2)  # (N, M, C) candidate locations
+    offsets = torch.arange(anchors_per_location, device=device)
+    candidates = (nearest.unsqueeze(-1) * anchors_per_location + offsets).flatten(2)  # (N, M, C * anchors)
+
+    candidate_iou = iou.gather(2, candidates)
+    threshold = candidate_iou.mean(dim=2, keepdim=True) + candidate_iou.std(dim=2, keepdim=True)
+    x, y = centres[nearest].unbind(-1)  # (N, M, C)
+    x1, y1, x2, y2 = boxes.unsqueeze(2).unbind(-1)
+    inside = torch.stack([x - x1, y - y1, x2 - x, y2 - y], dim=-1).amin(-1) > ATSS_CENTRE_MARGIN
+    inside = inside.repeat_interleave(anchors_per_location, dim=2)
+    chosen = (candidate_iou >= threshold) & inside & real.unsqueeze(-1)
+    selected = torch.zeros_like(iou, dtype=torch.bool).scatter_(2, candidates, chosen)  # (N, M, A)
+
+    _, matched = iou.masked_fill(~selected, -1.0).max(dim=1)  # the highest-IoU box among an anchor's own
+    return _targets(anchors, boxes, labels, crowd, iou, matched, selected.any(dim=1))

@@ -1,4 +1,5 @@
-"""EfficientDet training loss: sigmoid focal loss + Huber box loss, normalised by the positive anchors.
+"""EfficientDet training loss: sigmoid focal loss + a box loss (Huber on the codes, or GIoU / CIoU on the
+decoded boxes), normalised by the positive anchors.
 
 Both terms are computed in float32 whatever the autocast dtype (bf16/fp16 logits are cast first), per
 pyramid level on views of the head outputs (no copy into one flat tensor) and without a Python loop
@@ -12,6 +13,12 @@ Under DDP, P must be the same number on every rank: each rank all-reduces (sums)
 ``P = sum / world_size``, the mean count per rank. DDP then averages the gradients over ranks, so the
 result is the gradient of (sum of every rank's loss sums) / (total positives + world_size): the
 single-process normalisation of the global batch (with +1 per rank instead of +1).
+
+``box_loss="giou"`` / ``"ciou"`` replaces the Huber term by ``iou_weight * iou_loss_sum / (P + 1)`` (one value
+per box, so no factor 4): the positive anchors' predicted and target codes are decoded on their anchors and
+torchvision's ``generalized_box_iou_loss`` / ``complete_box_iou_loss`` compare the boxes, in float32. The
+codes of the other anchors are replaced by zeros first (both boxes are then the anchor: finite, masked out, no
+gradient), which keeps the term dense: no boolean indexing, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -20,12 +27,15 @@ from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F
+from torchvision.ops import complete_box_iou_loss, generalized_box_iou_loss
 
-from heads.anchors import IGNORE
+from heads.anchors import IGNORE, decode_boxes
 from tasks.engine.distributed import global_mean
 
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 1.5
 HUBER_DELTA, BOX_LOSS_WEIGHT = 0.1, 50.0
+IOU_WEIGHT = 2.0
+BOX_LOSSES = {"giou": generalized_box_iou_loss, "ciou": complete_box_iou_loss}  # besides "huber"
 
 
 def focal_loss_sum(logits: torch.Tensor, class_targets: torch.Tensor, alpha: float = FOCAL_ALPHA,
@@ -58,6 +68,17 @@ def box_loss_sum(box_codes: torch.Tensor, box_targets: torch.Tensor, positive: t
     return (loss.sum(-1) * positive).sum()
 
 
+def iou_loss_sum(box_codes: torch.Tensor, box_targets: torch.Tensor, positive: torch.Tensor,
+                 anchors: torch.Tensor, kind: str = "giou") -> torch.Tensor:
+    """Sum of the GIoU or CIoU loss (``kind``) between the boxes the predicted and the target codes decode to on
+    ``anchors`` (broadcast), over the positive anchors, in float32."""
+    anchors = anchors.float()
+    keep = positive.unsqueeze(-1)
+    predicted = decode_boxes(torch.where(keep, box_codes.float(), 0.0), anchors)
+    target = decode_boxes(torch.where(keep, box_targets.float(), 0.0), anchors)
+    return (BOX_LOSSES[kind](predicted, target, reduction="none") * positive).sum()
+
+
 def global_positives(num_positives: torch.Tensor) -> torch.Tensor:
     """The batch's positive count as a global quantity: sum over ranks / world size under DDP (the engine's
     ``global_mean``, the normaliser every task uses for a loss divided by a global count)."""
@@ -67,11 +88,23 @@ def global_positives(num_positives: torch.Tensor) -> torch.Tensor:
 def detection_loss(class_out: Sequence[torch.Tensor], box_out: Sequence[torch.Tensor],
                    class_targets: Sequence[torch.Tensor], box_targets: Sequence[torch.Tensor],
                    num_positives: torch.Tensor, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA,
-                   delta: float = HUBER_DELTA, box_loss_weight: float = BOX_LOSS_WEIGHT) -> dict[str, torch.Tensor]:
+                   delta: float = HUBER_DELTA, box_loss_weight: float = BOX_LOSS_WEIGHT, box_loss: str = "huber",
+                   iou_weight: float = IOU_WEIGHT, anchors: Sequence[torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
     """``{"class_loss", "box_loss"}`` (the box term already weighted) summed over matching parts (the
     pyramid levels, or one flat tensor each): logits (..., C) with class targets (...), box codes (..., 4)
-    with box targets (..., 4), as ``match_anchors`` gives them; ``num_positives`` per image."""
+    with box targets (..., 4), as ``match_anchors`` gives them; ``num_positives`` per image. ``box_loss``:
+    ``"huber"`` (``delta``, ``box_loss_weight``) or ``"giou"`` / ``"ciou"`` (``iou_weight``), which need the
+    parts' ``anchors`` (..., 4), broadcast against the box codes."""
     normaliser = global_positives(num_positives) + 1.0
     focal = sum(focal_loss_sum(x, t, alpha, gamma) for x, t in zip(class_out, class_targets))
-    huber = sum(box_loss_sum(x, t, c >= 0, delta) for x, t, c in zip(box_out, box_targets, class_targets))
-    return {"class_loss": focal / normaliser, "box_loss": box_loss_weight * huber / (4.0 * normaliser)}
+    if box_loss == "huber":
+        huber = sum(box_loss_sum(x, t, c >= 0, delta) for x, t, c in zip(box_out, box_targets, class_targets))
+        return {"class_loss": focal / normaliser, "box_loss": box_loss_weight * huber / (4.0 * normaliser)}
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss must be 'huber', 'giou' or 'ciou', got {box_loss!r}")
+    if anchors is None:
+        raise ValueError(f"box_loss={box_loss!r} decodes the box codes: pass the anchors of each part")
+    total = sum(iou_loss_sum(x, t, c >= 0, a, box_loss)
+                for x, t, c, a in zip(box_out, box_targets, class_targets, anchors, strict=True))
+    return {"class_loss": focal / normaliser, "box_loss": iou_weight * total / normaliser}

@@ -17,13 +17,13 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 import backbones
-from heads.anchors import AnchorGenerator, match_anchors
+from heads.anchors import AnchorGenerator, atss_match, match_anchors
 from heads.efficientdet import EfficientDet, EfficientDetPreset, efficientdet_preset
 
 from tasks.config.schema import IMAGENET_MEAN, IMAGENET_STD
 from tasks.engine.normalize import PixelNormalization, pixel_options
 
-from .loss import BOX_LOSS_WEIGHT, FOCAL_ALPHA, FOCAL_GAMMA, HUBER_DELTA, detection_loss
+from .loss import BOX_LOSS_WEIGHT, BOX_LOSSES, FOCAL_ALPHA, FOCAL_GAMMA, HUBER_DELTA, IOU_WEIGHT, detection_loss
 from .postprocess import PostProcess, postprocess
 
 
@@ -31,7 +31,10 @@ class EfficientDetector(EfficientDet):
     """:class:`heads.EfficientDet` + anchors + targets + loss + post-processing (see the module doc).
 
     The state dict is the network's alone (``backbone.*``, ``fpn.*``, ``class_net.*``, ``box_net.*``);
-    anchors are built per input size and device and cached.
+    anchors are built per input size and device and cached. Training targets: ``assigner="iou"``
+    (:func:`heads.anchors.match_anchors`, ``match_threshold``) or ``"atss"`` (:func:`heads.anchors.atss_match`,
+    ``atss_topk`` locations per level); box loss ``"huber"`` (``huber_delta``, ``box_loss_weight``) or
+    ``"giou"`` / ``"ciou"`` (``iou_weight``), see :mod:`tasks.detection.loss`.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, width: int, repeats: int, head_depth: int,
@@ -39,14 +42,20 @@ class EfficientDetector(EfficientDet):
                  padding: str = "symmetric", act: str = "silu", norm_eps: float = 1e-3, norm_momentum: float = 0.01,
                  post: PostProcess = PostProcess(), match_threshold: float = 0.5, focal_alpha: float = FOCAL_ALPHA,
                  focal_gamma: float = FOCAL_GAMMA, huber_delta: float = HUBER_DELTA,
-                 box_loss_weight: float = BOX_LOSS_WEIGHT, input_size: int | None = None, name: str = "efficientdet"):
+                 box_loss_weight: float = BOX_LOSS_WEIGHT, assigner: str = "iou", atss_topk: int = 9,
+                 box_loss: str = "huber", iou_weight: float = IOU_WEIGHT, input_size: int | None = None,
+                 name: str = "efficientdet"):
+        if assigner not in ("iou", "atss"):
+            raise ValueError(f"assigner must be 'iou' or 'atss', got {assigner!r}")
+        if box_loss != "huber" and box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be 'huber', 'giou' or 'ciou', got {box_loss!r}")
         anchors = AnchorGenerator(levels, anchor_scale)
         super().__init__(backbone, num_classes, width, repeats, head_depth, levels, fusion, anchors.num_anchors,
                          padding=padding, act=act, norm_eps=norm_eps, norm_momentum=norm_momentum)
         self.anchors, self.post, self.padding = anchors, post, padding
-        self.match_threshold = match_threshold
+        self.match_threshold, self.assigner, self.atss_topk = match_threshold, assigner, atss_topk
         self.loss_options = dict(alpha=focal_alpha, gamma=focal_gamma, delta=huber_delta,
-                                 box_loss_weight=box_loss_weight)
+                                 box_loss_weight=box_loss_weight, box_loss=box_loss, iou_weight=iou_weight)
         self.input_size, self.name = input_size, name
 
     def forward_raw(self, images: torch.Tensor):
@@ -66,9 +75,17 @@ class EfficientDetector(EfficientDet):
             raise ValueError("EfficientDetector in train mode needs targets: a list of {'boxes', 'labels'} dicts, "
                              "one per image (call model.eval() for detections)")
         class_maps, box_maps = super().forward(images)
+        return self.training_loss(class_maps, box_maps, images.shape[-2:], targets)
+
+    def training_loss(self, class_maps: Sequence[torch.Tensor], box_maps: Sequence[torch.Tensor],
+                      image_size: Sequence[int], targets: list[dict[str, torch.Tensor]], assigned=None):
+        """``{"class_loss", "box_loss"}`` of the head outputs per level for ``targets`` on an input of ``image_size``
+        (``assigned``: what :meth:`targets` gave for them, when already computed: the step profile times it apart)."""
         sizes = [m.shape[-2:] for m in class_maps]
-        anchors = self.anchors(images.shape[-2:], sizes, images.device)
-        class_targets, box_targets, positives = self.targets(targets, anchors)
+        anchors = self.anchors(image_size, sizes, class_maps[0].device)
+        if assigned is None:
+            assigned = self.targets(targets, anchors, sizes)
+        class_targets, box_targets, positives = assigned
         # Per level, views (N, H, W, anchors, K) of the head outputs in either memory format: no copies.
         anchors_per_level = [h * w * self.num_anchors for h, w in sizes]
 
@@ -78,13 +95,25 @@ class EfficientDetector(EfficientDet):
         def per_level(flat):
             parts = flat.split(anchors_per_level, 1)
             return [part.unflatten(1, (h, w, self.num_anchors)) for part, (h, w) in zip(parts, sizes)]
-        return detection_loss(outputs(class_maps, self.num_classes), outputs(box_maps, 4), per_level(class_targets),
-                              per_level(box_targets), positives, **self.loss_options)
 
-    def targets(self, targets: list[dict[str, torch.Tensor]], anchors: torch.Tensor):
-        """Padded batch -> ``match_anchors`` targets (class (N, A), box codes (N, A, 4), positives (N,))."""
+        level_anchors = None  # the IoU losses decode the codes: anchors (H, W, anchors, 4) per level
+        if self.loss_options["box_loss"] != "huber":
+            level_anchors = [part.unflatten(0, (h, w, self.num_anchors))
+                             for part, (h, w) in zip(anchors.split(anchors_per_level), sizes)]
+        return detection_loss(outputs(class_maps, self.num_classes), outputs(box_maps, 4), per_level(class_targets),
+                              per_level(box_targets), positives, anchors=level_anchors, **self.loss_options)
+
+    def targets(self, targets: list[dict[str, torch.Tensor]], anchors: torch.Tensor,
+                sizes: Sequence[Sequence[int]] | None = None):
+        """Padded batch -> ``match_anchors`` targets (class (N, A), box codes (N, A, 4), positives (N,)) of the
+        model's assigner; ATSS also needs the levels' feature-map ``sizes`` (the anchors alone do not say them)."""
         boxes, labels, crowd = pad_targets(targets, anchors.device)
-        return match_anchors(anchors, boxes, labels, crowd, self.match_threshold)
+        if self.assigner == "iou":
+            return match_anchors(anchors, boxes, labels, crowd, self.match_threshold)
+        if sizes is None:
+            raise ValueError("assigner='atss' needs the feature-map sizes: targets(targets, anchors, sizes)")
+        return atss_match(anchors, boxes, labels, crowd, locations_per_level=[h * w for h, w in sizes],
+                          anchors_per_location=self.num_anchors, topk=self.atss_topk)
 
 
 def pad_targets(targets: list[dict[str, torch.Tensor]], device: torch.device):
@@ -156,8 +185,8 @@ def build_detector(name: str = "efficientdet-d0", num_classes: int = 90, weights
     ``"same"``); ``drop_path``: the backbone's stochastic depth (0.2); ``width``/``repeats``/``head_depth``
     override the row's BiFPN width, BiFPN cells and class/box net depth. NMS: ``nms="hard"`` (IoU
     ``nms_iou``) or ``"soft"`` (gaussian, ``soft_nms_sigma``). ``options`` go to :class:`EfficientDetector`
-    (``anchor_scale``, ``fusion``, ``act``, ``match_threshold``, loss constants, ``norm_eps``/``norm_momentum``
-    of the BiFPN and heads).
+    (``anchor_scale``, ``fusion``, ``act``, ``match_threshold``, ``assigner``/``atss_topk``, loss constants and
+    ``box_loss``/``iou_weight``, ``norm_eps``/``norm_momentum`` of the BiFPN and heads).
     """
     if preset is None:
         preset, flavour = resolve_name(name, phi)
@@ -343,7 +372,8 @@ def build_model(cfg) -> DetectionTask:
                          drop_path=m.drop_path, nms=det.nms, nms_iou=det.nms_iou, max_candidates=det.candidates,
                          max_detections=det.max_detections, score_threshold=det.score_threshold,
                          focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma, huber_delta=loss.huber_delta,
-                         box_loss_weight=loss.box_weight, **options)
+                         box_loss_weight=loss.box_weight, assigner=det.assigner, atss_topk=det.atss_topk,
+                         box_loss=loss.box_loss, iou_weight=loss.iou_weight, **options)
     if cfg.data.format != "coco":
         return DetectionTask(net, **pixel_options(cfg), label_map=cfg.data.label_map, **_converted_parts(cfg))
     annotation_file, _ = annotation_paths(cfg, cfg.data.val_split, train=False)
