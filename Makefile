@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo bench gpu-report clean
+.PHONY: test test-slow demo bench bench-ultralytics gpu-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ bench: $(STAMP)
 	$(BIN)/python tools/bench_segmentation.py
 	$(BIN)/python tools/bench_detection.py
 	$(BIN)/python tools/bench_inference.py
+
+# effdense's detector preset against ultralytics' YOLOv8n, same data / CPU threads / wall-clock budget (about
+# 50 min with the defaults: 2 sizes x 3 seeds x 2 sides x 4 min); installs the bench extra (ultralytics, AGPL).
+# Options through BENCH_ARGS, e.g. make bench-ultralytics BENCH_ARGS="--sizes 256 --seeds 0 --minutes 10"
+bench-ultralytics: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/detector_vs_ultralytics.py $(BENCH_ARGS)
 
 gpu-report: $(STAMP)  # on a CUDA machine: GPU tests, benchmarks, budget per task, auto batch size
 	bash tools/gpu_report.sh
