@@ -22,6 +22,7 @@ from tasks.engine.checkpoint import seed_everything, weights_meta
 
 from . import classification, detection, segmentation
 from .classification import scale as classification_scale
+from .detection import augment as detection_augment
 from .detection import scale as detection_scale
 from .segmentation import scale as segmentation_scale
 
@@ -66,7 +67,7 @@ _add(Task("segmentation", SegmentationConfig, segmentation.build_model, segmenta
           segmentation_scale.SUMMARY_KEYS, "demo/segmentation", segmentation.demo_overrides))
 _add(Task("detection", DetectionConfig, detection.build_model, detection.predict,
           detection_scale.describe_scale, detection_scale.example_batch, detection_scale.SCALES,
-          detection_scale.SUMMARY_KEYS, "demo/detection"))
+          detection_scale.SUMMARY_KEYS, "demo/detection", epoch_callbacks=detection_augment.epoch_callbacks))
 
 
 def get(name: str) -> Task:

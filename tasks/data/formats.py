@@ -133,13 +133,37 @@ def _segmentation_collate_for(cfg: Config, train: bool):
 # -- coco (detection) ----------------------------------------------------------------------------------
 
 def _detection_transform(cfg: Config, train: bool):
-    """Every detection format's transform: scale jitter, crop/pad and flip (train) or letterbox (eval), padding
-    with the value that normalises to 0."""
+    """Every detection format's transform: scale jitter, crop/pad and flip (train; plus the small-data recipe's
+    random affine and HSV gains when set) or letterbox (eval), padding with the value that normalises to 0."""
     from tasks.data.transforms.detection import DetectionEvalTransform, DetectionTrainTransform, mean_fill
 
     size, augment, fill = resolve_image_size(cfg), cfg.data.augment, mean_fill(cfg)
-    return (DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip, fill) if train
-            else DetectionEvalTransform(size, fill))
+    if not train:
+        return DetectionEvalTransform(size, fill)
+    return DetectionTrainTransform(size, (augment.scale_min, augment.scale_max), augment.hflip, fill,
+                                   **_recipe_options(cfg))
+
+def _recipe_options(cfg: Config) -> dict:
+    """``data.augment``'s HSV and affine options; hue and saturation need 3 bands (one-line error otherwise)."""
+    augment, bands = cfg.data.augment, cfg.model.in_channels
+    if bands != 3 and (augment.hsv_h or augment.hsv_s):
+        raise DataError(f"data.augment.hsv_h={augment.hsv_h} / hsv_s={augment.hsv_s} change hue and saturation, which "
+                        f"need 3 bands (RGB) but model.in_channels={bands}; set both to 0 (hsv_v, a brightness "
+                        f"gain, works with any band count)")
+    top = cfg.data.input_range[1] if cfg.data.input_range is not None else None  # None: 255 for 8-bit images
+    return {"hsv": (augment.hsv_h, augment.hsv_s, augment.hsv_v), "translate": augment.translate,
+            "affine_scale": augment.affine_scale, "value_top": top}
+
+def _mixed(dataset, cfg: Config, train: bool):
+    """The training split with ``data.augment.mosaic`` or ``mixup`` set: wrapped in ``MosaicDetection``."""
+    augment = cfg.data.augment
+    if not train or not (augment.mosaic or augment.mixup):
+        return dataset
+    from tasks.data.mosaic import MosaicDetection
+    from tasks.data.transforms.detection import mean_fill
+
+    return MosaicDetection(dataset, resolve_image_size(cfg), augment.mosaic, augment.mixup, augment.hflip,
+                           fill=mean_fill(cfg), **_recipe_options(cfg))
 
 def _coco_dataset(cfg: Config, split: str, train: bool):
     from tasks.data.coco import CocoDetection, annotation_paths, classes_problem
@@ -152,7 +176,7 @@ def _coco_dataset(cfg: Config, split: str, train: bool):
     if dataset.num_classes != cfg.model.num_classes:
         raise DataError(classes_problem(annotation_file, dataset.num_classes, cfg.model.num_classes,
                                         cfg.data.label_map))
-    return _tiled(dataset, cfg, train)
+    return _mixed(_tiled(dataset, cfg, train), cfg, train)
 
 def _coco_collate(cfg: Config, train: bool):
     from tasks.data.transforms.detection import detection_collate
@@ -180,7 +204,7 @@ def _synth_coco(root: str | Path, seed: int = 0, **options) -> Path:
 def _converted_dataset(cfg: Config, split: str, train: bool):
     from tasks.data.convert import converted_dataset
 
-    return _tiled(converted_dataset(cfg, split, _detection_transform(cfg, train)), cfg, train)
+    return _mixed(_tiled(converted_dataset(cfg, split, _detection_transform(cfg, train)), cfg, train), cfg, train)
 
 def _check_converted(cfg: Config, workers: int = 4, progress: bool = False) -> list[str]:
     from tasks.data.convert import check_converted

@@ -9,6 +9,13 @@ mean colour (0 after normalisation: :func:`mean_fill` of a config; ImageNet's by
 input pixels relate to the original: ``input = original * scale + offset`` per axis, ``scale = (sx, sy)``,
 ``offset = (ox, oy)``. 8-bit images stay uint8; others (16-bit) become float32 of the same values
 (torchvision's transforms take uint8 or float only), and the collate stacks them as they come.
+
+The small-data recipe's options of the train transform (``data.augment``; all 0 = off, and then nothing
+else is drawn or done): ``translate`` / ``affine_scale``, a random zoom ``1 +- affine_scale`` about the
+centre and shift ``+-translate * size`` after the crop (``scale``/``offset`` include it), boxes then
+filtered by :func:`tasks.data.transforms.detection_recipe.keep_boxes`; ``hsv`` = (hsv_h, hsv_s, hsv_v), random
+HSV gains after the flip (:func:`~tasks.data.transforms.detection_recipe.hsv_jitter`; ``value_top`` clips
+the value of float images). Mosaic and mixup combine samples: :class:`tasks.data.mosaic.MosaicDetection`.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ import random
 from collections.abc import Sequence
 
 import torch
-from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from tasks.data.errors import DataError
-from tasks.data.images import describe_dtype, workable
+from tasks.data.images import describe_dtype
+from tasks.data.transforms.detection_recipe import as_boxes as _as_boxes
+from tasks.data.transforms.detection_recipe import MIN_BOX_SIZE, draw_hsv, hsv_jitter, keep_boxes, zoom_shift
+from tasks.data.transforms.detection_recipe import resize as _resize
 
 MEAN_FILL = (124, 116, 104)  # ImageNet mean * 255: padding that normalises to ~0
 
@@ -44,23 +53,13 @@ def input_size(size: int | Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
-def _as_boxes(boxes: torch.Tensor, canvas: tuple[int, int]) -> tv_tensors.BoundingBoxes:
-    return tv_tensors.BoundingBoxes(boxes.reshape(-1, 4).float(), format="XYXY", canvas_size=canvas)
-
-
-def _fill(fill: Sequence[float] | None, image: torch.Tensor) -> list[float]:
+def fill_values(fill: Sequence[float] | None, image: torch.Tensor) -> list[float]:
     """``fill`` for ``image``'s bands (rounded for uint8); None: the image's own mean per band."""
     channels = image.shape[0]
     if fill is None:
         return image.to(torch.float32).mean(dim=(-2, -1)).tolist()
     values = [float(v) for v in fill][:channels] if len(fill) >= channels else [float(fill[0])] * channels
     return [float(round(v)) for v in values] if image.dtype == torch.uint8 else values
-
-
-def _resize(image: torch.Tensor, boxes, new_h: int, new_w: int):
-    image = F.resize(tv_tensors.Image(workable(image)), [new_h, new_w], antialias=True)
-    boxes = F.resize(boxes, [new_h, new_w])
-    return image, boxes
 
 
 def letterbox(image: torch.Tensor, size: int | Sequence[int], fill: Sequence[float] | None = MEAN_FILL,
@@ -76,7 +75,7 @@ def letterbox(image: torch.Tensor, size: int | Sequence[int], fill: Sequence[flo
     bb = _as_boxes(boxes if boxes is not None else torch.zeros(0, 4), (height, width))
     out, bb = _resize(image, bb, new_h, new_w)
     padding = [0, 0, out_w - new_w, out_h - new_h]
-    out = F.pad(out, padding, fill=_fill(fill, out))
+    out = F.pad(out, padding, fill=fill_values(fill, out))
     bb = F.pad(bb, padding)
     meta = {"orig_size": (int(height), int(width)), "scale": (new_w / width, new_h / height), "offset": (0.0, 0.0)}
     out = out.as_subclass(torch.Tensor)
@@ -112,15 +111,20 @@ class DetectionTrainTransform:
 
     ``target`` holds ``boxes`` (n, 4) xyxy original pixels, ``labels``, optional ``iscrowd``; the
     result's boxes are in input pixels and it gains ``orig_size``, ``scale``/``offset`` (the mapping
-    before the flip) and ``hflip`` (whether the image was then mirrored).
+    before the flip) and ``hflip`` (whether the image was then mirrored). ``hsv``, ``translate``,
+    ``affine_scale``, ``value_top``: the small-data recipe's options (the module's docstring).
     """
 
     def __init__(self, size: int | Sequence[int], scale_range: tuple[float, float] = (0.1, 2.0), hflip: float = 0.5,
-                 fill: Sequence[float] | None = MEAN_FILL, min_box_size: float = 1.0):
+                 fill: Sequence[float] | None = MEAN_FILL, min_box_size: float = 1.0,
+                 hsv: Sequence[float] = (0.0, 0.0, 0.0), translate: float = 0.0, affine_scale: float = 0.0,
+                 value_top: float | None = None):
         if not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"scale_range must be 0 < min <= max, got {scale_range}")
         self.size, self.scale_range, self.hflip = input_size(size), tuple(scale_range), float(hflip)
         self.fill, self.min_box_size = tuple(fill) if fill is not None else None, float(min_box_size)
+        self.hsv, self.value_top = tuple(float(v) for v in hsv), value_top
+        self.translate, self.affine_scale = float(translate), float(affine_scale)
 
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         height, width = image.shape[-2:]
@@ -135,15 +139,29 @@ class DetectionTrainTransform:
         crop_h, crop_w = min(out_h, new_h), min(out_w, new_w)
         out, boxes = F.crop(out, top, left, crop_h, crop_w), F.crop(boxes, top, left, crop_h, crop_w)
         padding = [0, 0, out_w - crop_w, out_h - crop_h]
-        out = F.pad(out, padding, fill=_fill(self.fill, out))
+        out = F.pad(out, padding, fill=fill_values(self.fill, out))
         boxes = F.clamp_bounding_boxes(F.pad(boxes, padding))
+        scale, offset, areas = (new_w / width, new_h / height), (-float(left), -float(top)), None
+        if self.translate or self.affine_scale:  # the recipe's random affine: zoom about the centre, shift
+            zoom = random.uniform(1.0 - self.affine_scale, 1.0 + self.affine_scale)
+            shift = (random.uniform(-1.0, 1.0) * self.translate * out_w,
+                     random.uniform(-1.0, 1.0) * self.translate * out_h)
+            out, moved, areas, (zx, zy), (zl, zt) = zoom_shift(out, boxes, zoom, shift, fill_values(self.fill, out))
+            boxes = _as_boxes(moved, (out_h, out_w))
+            scale, offset = (scale[0] * zx, scale[1] * zy), (offset[0] * zx + zl, offset[1] * zy + zt)
         flipped = self.hflip > 0 and random.random() < self.hflip
         if flipped:
             out, boxes = F.horizontal_flip(out), F.horizontal_flip(boxes)
-        result = _keep_boxes(boxes.as_subclass(torch.Tensor), target, self.min_box_size)
-        result.update(orig_size=(int(height), int(width)), scale=(new_w / width, new_h / height),
-                      offset=(-float(left), -float(top)), hflip=flipped)
-        return out.as_subclass(torch.Tensor), result
+        out = out.as_subclass(torch.Tensor)
+        if any(self.hsv):
+            out = hsv_jitter(out, *draw_hsv(*self.hsv), top=self.value_top)
+        boxes = boxes.as_subclass(torch.Tensor)
+        if areas is None:
+            result = _keep_boxes(boxes, target, self.min_box_size)
+        else:
+            result = keep_boxes(target, boxes, areas, min_size=max(self.min_box_size, MIN_BOX_SIZE))
+        result.update(orig_size=(int(height), int(width)), scale=scale, offset=offset, hflip=flipped)
+        return out, result
 
 
 class DetectionEvalTransform:
