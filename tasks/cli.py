@@ -218,7 +218,8 @@ def cmd_budget(args) -> int:
     try:
         run_command(cfg, latency_ms=args.latency_ms, memory_gb=args.memory_gb, min_throughput=args.min_throughput,
                     scales=args.scales or (), phis=args.phis or (), search=args.search, fit_batch=args.fit_batch,
-                    out_dir=args.output, runs=args.runs, device=args.device, max_phi=args.max_phi)
+                    out_dir=args.output, runs=args.runs, device=args.device, max_phi=args.max_phi,
+                    minutes=args.minutes, image_size=args.image_size)
     finally:
         torch.set_num_threads(threads)  # main() may be called from a longer-lived process (tests, notebooks)
     return 0
@@ -370,12 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-gb", type=float, help="the most GPU memory a training step may use (CUDA only)")
     p.add_argument("--min-throughput", type=float, help="the fewest images per second at the eval batch")
     p.add_argument("--scales", nargs="+", metavar="NAME",
-                   help="scales to measure, by `effdense backbones` names (efficientnet-b0 ...) or efficientdet-d0 ...")
-    p.add_argument("--phis", nargs="+", type=float, metavar="PHI", help="free compound coefficients to measure")
+                   help="scales to measure: `effdense backbones` names (efficientnet-b0 ...), "
+                        "efficientdet-d0 ... -d7x, -lite0 ... -lite4")
+    p.add_argument("--phis", nargs="+", type=float, metavar="PHI", help="free compound coefficients (--phis -1 0.5)")
     p.add_argument("--search", choices=["phi"], help="bisect phi (to 0.05) for the largest model within the limits")
     p.add_argument("--max-phi", type=float, metavar="PHI",
                    help="with --search phi: the largest phi tried (default 8, the largest published row)")
     p.add_argument("--fit-batch", action="store_true", help="also find the largest training batch (CUDA)")
+    p.add_argument("--minutes", type=float, metavar="N", help="steps (N*60 / the training step measured at "
+                   "--image-size) and images (steps x the config's global batch) each scale trains in N minutes here")
+    p.add_argument("--image-size", metavar="native|config|HxW", help="measure at each scale's own size (default: "
+                   "classification, detection), data.image_size if set (config; default: segmentation), or HxW")
     p.add_argument("--runs", type=int, help="timed runs per measurement (default: device-dependent)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's train.device)")
     p.add_argument("--threads", type=int, help="CPU threads (set 1 on a shared machine for steadier timings)")

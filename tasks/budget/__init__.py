@@ -27,6 +27,15 @@ that carries the :class:`BudgetResult`, so the table can still be printed and wr
 Output: :meth:`BudgetResult.table`, ``budget.json`` and ``budget.png`` (:meth:`BudgetResult.write`).
 Published accuracy is shown beside each named scale: ImageNet top-1 (EfficientNet paper, Table 2)
 for B0..B7 -- for segmentation that of the backbone -- and COCO val AP (official) for D0..D7x.
+
+A time budget (``minutes``, ``effdense budget --minutes N``), for every task: each measured row also says
+how many optimizer steps and training images fit in N minutes on this device (``steps_in_budget``,
+``images_in_budget``): the measured training step, per image, times the config's global batch (batch x
+accumulation, one process) gives the step time; ``steps = floor(N * 60 / step time)``, ``images = steps *
+global batch`` (``tasks.budget.rows.time_budget``). The step is timed at the row's input size (the rule
+above) on a synthetic batch, with no data loading, evaluation or checkpoints: the numbers are an upper
+bound, to weigh a scale's published accuracy against how much training it gets (``train.time_limit``
+trains to such a budget).
 """
 
 from __future__ import annotations
@@ -52,16 +61,18 @@ from .rows import (
     config_for,
     device_type,
     measure_row,
+    minutes_settings,
     named_scale,
     phi_scale,
     unmeasured_row,
+    time_budget,
     why_not,
 )
 from .search import MAX_SEARCH_PHI, PHI_STEP, PhiSearch, search_phi
 
 __all__ = ["BudgetError", "Limits", "Scale", "Row", "BudgetResult", "PhiSearch", "default_scales", "scales_from",
            "run_budget", "search_phi", "run_command", "config_for", "phi_scale", "why_not", "IMAGENET_TOP1",
-           "COCO_AP", "MAX_SEARCH_PHI", "PHI_STEP"]
+           "COCO_AP", "MAX_SEARCH_PHI", "PHI_STEP", "time_budget", "parse_image_size"]
 
 STOP_FACTOR = 2.0  # a scale this far over a limit ends the sweep
 
@@ -99,8 +110,10 @@ def scales_from(task: str, names: Sequence[str] = (), phis: Sequence[float] = ()
 def run_budget(cfg, limits: Limits = Limits(), scales: Sequence[Scale] | None = None, *,
                measure: Callable | None = None, device: torch.device | str | None = None, runs: int | None = None,
                image_size: str | tuple[int, int] | None = None, progress: bool = True,
-               cost: Callable | None = count_cost, out_dir: str | Path | None = None) -> BudgetResult:
+               cost: Callable | None = count_cost, out_dir: str | Path | None = None,
+               minutes: float | None = None) -> BudgetResult:
     """Measure ``scales`` (default :func:`default_scales`) smallest first and choose; see the module doc.
+    ``minutes``: each row also gets the steps and images that fit in them (the module doc's time budget).
 
     ``measure(cfg_at_scale) -> Measurement`` replaces the real measurement (tests inject fakes);
     ``cost(cfg) -> (params M, GMACs)`` fills the rows that are not measured (``None``: left empty).
@@ -112,7 +125,7 @@ def run_budget(cfg, limits: Limits = Limits(), scales: Sequence[Scale] | None = 
     task = cfg.model.task
     scales = list(scales) if scales else default_scales(task, kind)
     measure = measure or (lambda c: measure_scale(c, device=device, runs=runs))
-    settings = {"runs": runs, "image_size": image_size}
+    settings = {"runs": runs, "image_size": image_size, **minutes_settings(cfg, minutes)}
     rows: list[Row] = []
     stop = None
     log = RowLog(BudgetResult(task, kind, limits, [], None, "", settings, complete=False), progress=progress,
@@ -120,7 +133,7 @@ def run_budget(cfg, limits: Limits = Limits(), scales: Sequence[Scale] | None = 
     try:
         for scale in scales:
             if stop is None:
-                row = measure_row(cfg, scale, limits, measure, image_size, log)
+                row = measure_row(cfg, scale, limits, measure, image_size, log, minutes=minutes)
             else:
                 row = unmeasured_row(cfg, scale, limits, f"stopped after {stop}", cost, image_size)
             rows.append(row)
@@ -131,6 +144,18 @@ def run_budget(cfg, limits: Limits = Limits(), scales: Sequence[Scale] | None = 
     finally:
         log.close()
     return _choose(task, kind, limits, rows, settings)
+
+
+def parse_image_size(text: str | tuple[int, int] | None) -> str | tuple[int, int] | None:
+    """``--image-size``: ``native``, ``config``, ``HxW`` or one number (a square); ``None`` and tuples pass."""
+    if text is None or isinstance(text, tuple):
+        return text
+    if text in ("native", "config"):
+        return text
+    parts = str(text).lower().split("x")
+    if 1 <= len(parts) <= 2 and all(part.strip().isdigit() and int(part) >= 32 for part in parts):
+        return (int(parts[0]), int(parts[-1]))
+    raise BudgetError(f"--image-size {text!r}: expected native, config, or HxW (e.g. 384x640, sides of 32 or more)")
 
 
 def _choose(task: str, device: str, limits: Limits, rows: list[Row], settings: dict) -> BudgetResult:
@@ -153,16 +178,19 @@ def run_command(cfg, *, latency_ms: float | None = None, memory_gb: float | None
                 min_throughput: float | None = None, scales: Sequence[str] = (), phis: Sequence[float] = (),
                 search: str | None = None, fit_batch: bool = False, out_dir: str | Path = "runs/budget",
                 runs: int | None = None, device: torch.device | str | None = None, progress: bool = True,
-                max_phi: float | None = None, echo: Callable[[str], None] = print) -> BudgetResult:
+                max_phi: float | None = None, minutes: float | None = None,
+                image_size: str | tuple[int, int] | None = None, echo: Callable[[str], None] = print) -> BudgetResult:
     """Everything ``effdense budget CONFIG ...`` does, for the CLI to call with its parsed arguments:
     measure (``scales`` names / ``phis``, or the device's default range; ``search="phi"`` bisects
     instead, up to ``max_phi``), print the table, write ``budget.json`` and ``budget.png`` into ``out_dir``
     (``budget.json`` also after every row measured, and when no scale fits), then with ``fit_batch`` print
-    the auto batch size of the chosen scale. Raises :class:`BudgetError` (one line) when no scale fits,
-    after writing the files."""
+    the auto batch size of the chosen scale. ``minutes``: the steps and images each scale trains in them;
+    ``image_size``: ``"native"``, ``"config"``, ``"HxW"`` or (h, w) (default: the task's rule, see the module
+    doc). Raises :class:`BudgetError` (one line) when no scale fits, after writing the files."""
     from tasks.budget.measure import find_batch_size
 
     limits = Limits(latency_ms, memory_gb, min_throughput)
+    image_size = parse_image_size(image_size)
     if search not in (None, "phi"):
         raise BudgetError(f"--search {search!r}: the only search is 'phi'")
     if max_phi is not None and search != "phi":
@@ -174,12 +202,12 @@ def run_command(cfg, *, latency_ms: float | None = None, memory_gb: float | None
     try:
         if search == "phi":
             found = search_phi(cfg, limits, measure=measure, device=device, runs=runs, progress=progress,
-                               max_phi=max_phi, out_dir=out_dir)
+                               max_phi=max_phi, out_dir=out_dir, minutes=minutes, image_size=image_size)
             result = found.result
         else:
             chosen_scales = scales_from(cfg.model.task, scales, phis) if (scales or phis) else None
             result = run_budget(cfg, limits, chosen_scales, measure=measure, device=device, runs=runs,
-                                progress=progress, out_dir=out_dir)
+                                progress=progress, out_dir=out_dir, minutes=minutes, image_size=image_size)
     except BudgetError as error:
         if error.result is not None:
             echo(error.result.table())

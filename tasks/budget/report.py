@@ -37,16 +37,28 @@ def _batch_cell(value, batch, header_batch, digits: int, width: int) -> str:
     return f"{f'{value:.{digits}f}@b{batch}':>{width}}"
 
 
+def _count(value, width: int) -> str:
+    return f"{'n/a' if value is None else f'{value:,}':>{width}}"
+
+
+def _minutes_label(minutes: float) -> str:
+    return f"{minutes:g}min"
+
+
 def format_table(result) -> str:
-    """One line per scale; ``*`` marks the chosen one; the notes say what stops the next scale."""
+    """One line per scale; ``*`` marks the chosen one; the notes say what stops the next scale. With a time
+    budget (``settings["minutes"]``) two more columns: steps and images in that many minutes."""
     rows = result.rows
     extras = [r.measurement.extra for r in rows if r.measurement.extra.get("config_eval_batch")
               or r.measurement.extra.get("eval_batch")]
     eval_batch = next((e.get("config_eval_batch", e.get("eval_batch")) for e in extras), "?")
     train_batch = next((e.get("config_train_batch", e.get("train_batch")) for e in extras), "?")
     on_cuda = result.device == "cuda"  # CPU: the step per image (its batch may be lowered to fit, see the status)
+    minutes = result.settings.get("minutes")
+    budget = (f"{'steps/' + _minutes_label(minutes):>14}{'images/' + _minutes_label(minutes):>16}"
+              if minutes is not None else "")
     header = (f"  {'scale':<20}{'input':>10}{'params(M)':>10}{'GMACs':>9}{'ms@b1':>9}{f'img/s@b{eval_batch}':>14}"
-              f"{f'step ms@b{train_batch}' if on_cuda else 'train ms/img':>16}{'peak GB':>9}"
+              f"{f'step ms@b{train_batch}' if on_cuda else 'train ms/img':>16}{budget}{'peak GB':>9}"
               f"{_accuracy_label(result.task):>10}  status")
     lines = [header, "-" * len(header)]
     for index, row in enumerate(rows):
@@ -55,6 +67,8 @@ def format_table(result) -> str:
         size = f"{row.image_size[0]}x{row.image_size[1]}"
         training = (_batch_cell(m.train_step_ms, m.extra.get("train_batch"), train_batch, 1, 16) if on_cuda
                     else _number(m.train_ms_per_image, 1, 16))
+        if minutes is not None:
+            training += _count(row.steps_in_budget, 14) + _count(row.images_in_budget, 16)
         lines.append(f"{mark} {row.scale.label:<20}{size:>10}{_number(m.params_m, 2, 10)}{_number(m.gmacs, 2)}"
                      f"{_number(m.latency_ms)}{_batch_cell(m.throughput, m.extra.get('eval_batch'), eval_batch, 1, 14)}"
                      f"{training}{_number(m.peak_memory_gb, 2)}{_number(row.accuracy, 1, 10)}  {row_status(row)}")
@@ -67,6 +81,10 @@ def format_table(result) -> str:
     if result.device != "cuda":
         lines.append("peak GB: measured on CUDA only (n/a on CPU); train ms/img: a training step over its batch; "
                      "@bN: img/s measured at batch N (the status says why)")
+    if minutes is not None:
+        lines.append(f"steps/images in {minutes:g} min: training steps of {result.settings['images_per_step']} images "
+                     f"(the config's global batch, one process) at the measured step time; forward, backward and "
+                     f"optimizer only (no data loading, evaluation or checkpoints): an upper bound")
     return "\n".join(lines)
 
 
@@ -76,6 +94,7 @@ def to_json(result) -> dict:
     for index, row in enumerate(result.rows):
         rows.append({"scale": row.scale.label, "set": row.set_args, "image_size": list(row.image_size),
                      **asdict(row.measurement), "accuracy": row.accuracy,
+                     "steps_in_budget": row.steps_in_budget, "images_in_budget": row.images_in_budget,
                      "fits": row.fits, "chosen": index == result.chosen,
                      "violations": {k: {"value": v, "limit": lim, "times_over": over}
                                     for k, (v, lim, over) in row.violations.items()}})
@@ -88,9 +107,14 @@ def to_json(result) -> dict:
             "stopped_by": result.stopped_by, "rows": rows}
 
 
+def _value(row, key: str):
+    return getattr(row, key) if key.endswith("_in_budget") else getattr(row.measurement, key)
+
+
 def plot(result, path: str | Path) -> Path:
-    """Latency at batch 1 and peak training memory (training time per image on CPU) per scale, the limits
-    as dashed lines, the chosen scale highlighted and the published accuracy written beside each point."""
+    """Latency at batch 1 and peak training memory (training time per image on CPU) per scale -- and with a
+    time budget the training images that fit in it -- the limits as dashed lines, the chosen scale highlighted
+    and the published accuracy written beside each point."""
     from matplotlib.figure import Figure  # Agg through a bare Figure, as tasks.engine.runlog does
 
     rows = result.rows
@@ -101,16 +125,17 @@ def plot(result, path: str | Path) -> Path:
               ("peak_memory_gb" if memory_on else "train_ms_per_image",
                "peak training memory (GB)" if memory_on else "training time per image (ms)",
                result.limits.memory_gb if memory_on else None)]
+    if result.settings.get("minutes") is not None:
+        panels.append(("images_in_budget", f"training images in {result.settings['minutes']:g} min", None))
     figure = Figure(figsize=(5.5 * len(panels), 4))
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.18, top=0.88, wspace=0.25)
     for column, (key, title, limit) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), column + 1)
-        points = [(x, getattr(row.measurement, key)) for x, row in zip(positions, rows)
-                  if getattr(row.measurement, key) is not None]
+        points = [(x, _value(row, key)) for x, row in zip(positions, rows) if _value(row, key) is not None]
         if points:
             axes.plot(*zip(*points), "o-", color="tab:blue")
         for x, row in zip(positions, rows):
-            value = getattr(row.measurement, key)
+            value = _value(row, key)
             if value is None:
                 continue
             if x == result.chosen:

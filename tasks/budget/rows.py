@@ -21,7 +21,8 @@ from .errors import BudgetError
 from .measure import Measurement
 
 __all__ = ["Limits", "Scale", "Row", "BudgetResult", "phi_scale", "named_scale", "config_for", "why_not",
-           "measure_row", "unmeasured_row", "RowLog", "check_measurable", "device_type", "accuracy"]
+           "measure_row", "unmeasured_row", "RowLog", "check_measurable", "device_type", "accuracy", "time_budget",
+           "images_per_step", "minutes_settings"]
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,9 @@ class Scale:
 
 
 def named_scale(task: str, index: str) -> Scale:
-    prefix = get_task(task).scales.prefix
-    return Scale(f"{prefix}{index}", (("model.scale", index), ("model.phi", None)), key=index)
+    """``B3``, ``D7x``; a name that is not a number keeps its own (``lite0`` -> ``Lite0``, not ``Dlite0``)."""
+    label = f"{get_task(task).scales.prefix}{index}" if index[:1].isdigit() else index.capitalize()
+    return Scale(label, (("model.scale", index), ("model.phi", None)), key=index)
 
 
 def phi_scale(phi: float) -> Scale:
@@ -106,6 +108,8 @@ class Row:
     accuracy: float | None = None
     violations: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     set_args: list[str] = field(default_factory=list)  # --set arguments that reproduce the row from the config
+    steps_in_budget: int | None = None  # with --minutes: optimizer steps that fit in them (see time_budget)
+    images_in_budget: int | None = None  # ... and the training images those steps see
 
     @property
     def fits(self) -> bool:
@@ -150,6 +154,35 @@ class BudgetResult:
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         return self.write_json(folder), plot(self, folder / "budget.png")
+
+
+def images_per_step(cfg) -> int:
+    """Training images per optimizer step in one process: the config's global batch (batch x accumulation,
+    or ``data.global_batch_size``)."""
+    from tasks.engine.batching import global_batch
+
+    return global_batch(cfg, 1)
+
+
+def time_budget(measurement: Measurement, minutes: float | None, batch: int) -> tuple[int | None, int | None]:
+    """(optimizer steps, training images) in ``minutes`` of training at ``batch`` images a step, extrapolated
+    from the measured training step: ``step s = train_ms_per_image * batch / 1000``, ``steps = floor(minutes *
+    60 / step s)``, ``images = steps * batch``. The step is forward, backward and optimizer only (no data
+    loading, evaluation or checkpoints): an upper bound. ``(None, None)`` without minutes or a step time."""
+    if minutes is None or not measurement.train_ms_per_image:
+        return None, None
+    step_seconds = measurement.train_ms_per_image * batch / 1000
+    steps = math.floor(minutes * 60 / step_seconds + 1e-9)
+    return steps, steps * batch
+
+
+def minutes_settings(cfg, minutes: float | None) -> dict:
+    """The result's settings for a time budget: ``minutes`` and ``images_per_step`` ({} without one)."""
+    if minutes is None:
+        return {}
+    if not minutes > 0:
+        raise BudgetError(f"--minutes {minutes:g}: the time budget must be a positive number of minutes")
+    return {"minutes": float(minutes), "images_per_step": images_per_step(cfg)}
 
 
 def accuracy(task: str, scale: Scale) -> float | None:
@@ -230,9 +263,10 @@ class RowLog:
 
 
 def measure_row(cfg, scale: Scale, limits: Limits, measure: Callable, image_size=None,
-                log: RowLog | None = None) -> Row:
+                log: RowLog | None = None, minutes: float | None = None) -> Row:
     """Measure ``cfg`` at ``scale`` (``measure(cfg_at_scale) -> Measurement``), timed (``extra["seconds"]``);
-    ``log`` shows which scale is being measured (the caller reports it done: ``log.finished``)."""
+    ``log`` shows which scale is being measured (the caller reports it done: ``log.finished``); with
+    ``minutes``, the steps and images that fit in them (:func:`time_budget`)."""
     scaled = config_for(cfg, scale, image_size)
     size = resolve_image_size(scaled)
     if log is not None:
@@ -241,9 +275,8 @@ def measure_row(cfg, scale: Scale, limits: Limits, measure: Callable, image_size
     measurement = measure(scaled)
     seconds = time.perf_counter() - start
     measurement.extra = {**measurement.extra, "seconds": round(seconds, 1)}
-    row = Row(scale, size, measurement, accuracy(cfg.model.task, scale), limits.violations(measurement),
-              _set_args(cfg, scaled, scale))
-    return row
+    return Row(scale, size, measurement, accuracy(cfg.model.task, scale), limits.violations(measurement),
+               _set_args(cfg, scaled, scale), *time_budget(measurement, minutes, images_per_step(scaled)))
 
 
 def unmeasured_row(cfg, scale: Scale, limits: Limits, note: str, cost: Callable | None, image_size=None) -> Row:

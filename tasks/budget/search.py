@@ -24,6 +24,7 @@ from .rows import (
     check_measurable,
     device_type,
     measure_row,
+    minutes_settings,
     phi_scale,
     why_not,
 )
@@ -46,12 +47,15 @@ class PhiSearch:
 def search_phi(cfg, limits: Limits, low: float = 0.0, high: float | None = None, *, step: float = PHI_STEP,
                measure: Callable | None = None, device: torch.device | str | None = None,
                runs: int | None = None, image_size: str | tuple[int, int] | None = None,
-               progress: bool = True, max_phi: float | None = None, out_dir: str | Path | None = None) -> PhiSearch:
+               progress: bool = True, max_phi: float | None = None, out_dir: str | Path | None = None,
+               minutes: float | None = None) -> PhiSearch:
     """Bisect the compound coefficient on multiples of ``step`` in [``low``, ``high``] (default high:
     7 on CUDA, 2 on CPU; widened by doubling while its top still fits, up to ``max_phi``, default
     ``MAX_SEARCH_PHI``) for the largest model meeting every limit, assuming cost grows with phi.
     Every phi returned was measured and fits. Raises :class:`BudgetError` when ``low`` does not fit.
-    With ``out_dir``, ``budget.json`` there is rewritten after every phi measured (``complete: false``)."""
+    With ``out_dir``, ``budget.json`` there is rewritten after every phi measured (``complete: false``);
+    ``minutes``: each row also gets the steps and images that fit in them (``tasks.budget`` module doc)."""
+
     kind = device_type(cfg, device)
     check_measurable(limits, kind)
     if not limits.given():
@@ -65,7 +69,7 @@ def search_phi(cfg, limits: Limits, low: float = 0.0, high: float | None = None,
         what = f"--max-phi {bound:g} is not above" if ceiling <= lo else "the range is empty at"
         raise BudgetError(f"--search phi: {what} phi {low:g}, where the search starts")
     settings = {"runs": runs, "image_size": image_size, "search": "phi", "step": step,
-                "max_phi": round(ceiling * step, 4)}
+                "max_phi": round(ceiling * step, 4), **minutes_settings(cfg, minutes)}
     rows: dict[int, Row] = {}
 
     def ordered() -> list[Row]:
@@ -75,7 +79,7 @@ def search_phi(cfg, limits: Limits, low: float = 0.0, high: float | None = None,
                  progress=progress, desc="phi search", total=math.ceil(math.log2(hi - lo + 1)) + 2, out_dir=out_dir)
 
     def fits(k: int) -> bool:
-        rows[k] = measure_row(cfg, phi_scale(k * step), limits, measure, image_size, log)
+        rows[k] = measure_row(cfg, phi_scale(k * step), limits, measure, image_size, log, minutes=minutes)
         log.finished(rows[k], ordered())
         return rows[k].fits
 

@@ -316,8 +316,10 @@ class TrainConfig:
     batch_size: Optional[str] = choice(None, None, "auto")
     epochs: int = number(10, AT_LEAST_ONE)
     max_steps: Optional[int] = number(None, AT_LEAST_ONE)  # stop early after this many optimizer steps (demos, benchmarks)
-    # minutes of training (null: no limit): after each epoch the epoch count is refitted to the time measured so
-    # far (schedule, warmup and closing epochs with it) and training stops once the time is spent
+    # minutes of training (null: no limit; train.epochs is then ignored): the epoch count is refitted to the time
+    # measured so far (wall time, evaluations included) after each epoch and during the first, the lr schedule with
+    # it (warmup kept, capped to leave an epoch), and training stops once the time is spent, then evaluates and
+    # saves as at a normal end; --resume continues the budget (tasks.engine.timelimit)
     time_limit: Optional[float] = number(None, POSITIVE)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = choice("none", "none", "bf16", "fp16")

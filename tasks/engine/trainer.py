@@ -23,6 +23,9 @@ Signals: SIGTERM/SIGINT ask the loop to stop after the current optimizer step (u
 raises ``TrainingInterrupted``, whose ``exit_code`` is 128 + signal (130 SIGINT, 143 SIGTERM) for the
 CLI to exit with. A second SIGINT raises ``KeyboardInterrupt`` at once. Previous handlers are restored.
 How ``resume`` is exact: see ``tasks.engine.checkpoint``.
+
+``train.time_limit`` (minutes; ``train.epochs`` is then ignored): the epoch count (``trainer.epochs``) and the schedule
+are refitted to the time measured, and training stops once it is spent: see ``tasks.engine.timelimit``.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ from torch import nn
 
 from tasks.engine import checkpoint as ckpt
 from tasks.engine import distributed as dist_utils
+from tasks.engine import timelimit
 from tasks.engine.batching import batch_plan, check_train_batch, ema_step_decay
 from tasks.engine.distributed import to_device
 from tasks.engine.errors import EngineError, NonFiniteLossError, TrainingInterrupted
 from tasks.engine.evaluate import autocast, images_to_device, is_improvement, run_evaluation
-from tasks.engine.optim import ModelEMA, build_optimizer, build_schedule, scaled_lr, steps_per_epoch
+from tasks.engine.optim import ModelEMA, build_optimizer, build_schedule, optimizer_step, scaled_lr, steps_per_epoch
 from tasks.engine.runlog import (LossTracker, RunLog, claim_run_dir, config_dict, lock_run_dir, progress_bar,
                                  unlock_run_dir, write_config)
 
@@ -100,6 +104,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(batches, self.accum, whole_steps=self.plan.from_global)
         self.batches_per_epoch = self.steps_per_epoch * self.accum if self.plan.from_global else batches
         self.scheduler = build_schedule(self.optimizer, cfg, self.steps_per_epoch)
+        self.time_limit = timelimit.from_config(t, self.steps_per_epoch)  # None without train.time_limit
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.ddp = None
         self.train_model: nn.Module = model
@@ -138,18 +143,25 @@ class Trainer:
     def is_main(self) -> bool:
         return self.dist.is_main
 
+    @property
+    def epochs(self) -> int:
+        """The epochs planned: ``train.epochs``, or the time limit's latest refit (what callbacks read)."""
+        return self.train_cfg.epochs if self.time_limit is None else self.time_limit.epochs
+
     # ------------------------------------------------------------------ public API
 
     def fit(self) -> dict[str, float]:
-        """Train to ``train.epochs`` (or ``train.max_steps``); returns the last evaluation's metrics."""
+        """Train to ``self.epochs`` or ``train.max_steps``; returns the last evaluation's metrics."""
         t = self.train_cfg
         if "train" not in self.loaders:
             raise ValueError(f"loaders has keys {sorted(self.loaders)} but fit() needs 'train' (and 'val' to evaluate)")
         lock = self._claim() if self._create_run_dir and self.is_main else None
         self._stop.install()
         final: dict[str, float] | None = None
+        first_step = self.step
         try:
-            while self.epoch < t.epochs and not self._max_steps_reached():
+            while not self._max_steps_reached() and (self.time_limit.epoch_start(self) if self.time_limit
+                                                     else self.epoch < t.epochs):
                 if self._stop.agreed(self.device):
                     self._interrupt()
                 for callback in self.epoch_callbacks:  # they may replace self.loaders["train"] (same length)
@@ -157,15 +169,14 @@ class Trainer:
                 reason = self._train_epoch(self.epoch)
                 if reason == "signal" and self.batch_in_epoch:  # at an epoch end, evaluate/save first as usual
                     self._interrupt()
-                done = self.epoch >= t.epochs or self._max_steps_reached()
+                done = self.epoch >= self.epochs or self._max_steps_reached() or reason == "time_limit"
                 epoch_end = self.batch_in_epoch == 0
                 if done or (epoch_end and self.epoch % t.eval_every == 0):
-                    self._save(last=True)  # first: an evaluation that fails (a bad val file) loses no training
-                    final, is_best = self._evaluate_and_log()
-                    if is_best:  # last.pt again, now recording the new best, and copied to best.pt
-                        self._save(last=True, best=True)
+                    final = self._save_and_evaluate()
                 elif epoch_end and self.epoch % t.checkpoint_every == 0:
                     self._save(last=True)
+            if self.step != first_step and (not self.history or self.history[-1]["step"] != self.step):
+                final = self._save_and_evaluate()  # the time ran out at an epoch end: a run ends evaluated
             if final is None:  # nothing left to train (a finished run was resumed): report its metrics
                 final = self.evaluate() if "val" in self.loaders else {}
             return final
@@ -174,6 +185,13 @@ class Trainer:
             if self._runlog is not None:
                 self._runlog.close()
             unlock_run_dir(lock)
+
+    def _save_and_evaluate(self) -> dict[str, float]:
+        self._save(last=True)  # first: an evaluation that fails (a bad val file) loses no training
+        metrics, is_best = self._evaluate_and_log()
+        if is_best:  # last.pt again, now recording the new best, and copied to best.pt
+            self._save(last=True, best=True)
+        return metrics
 
     def _claim(self) -> Path:
         """Lock the run directory (before looking: two runs started together cannot both claim it), refuse
@@ -209,6 +227,7 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         ckpt.check_resumable(state, path, config_dict(self.cfg), steps_per_epoch=self.steps_per_epoch,
                              global_batch=self.global_batch, world_size=self.dist.world_size)
+        timelimit.resume(self, state, path)  # the budget left and the refitted schedule's length
         ckpt.restore_training_state(state, path, model=self.model, ema=self.ema, optimizer=self.optimizer,
                                     scheduler=self.scheduler, scaler=self.scaler)
         if self.ema is not None and state.get("ema") is None:  # EMA switched on now: start it from these weights
@@ -253,17 +272,17 @@ class Trainer:
         self._epoch_sums, self._epoch_rows, self._epoch_images = None, 0, 0
         self._window_images, self._window_start = 0, time.perf_counter()
         epoch_start = self._window_start
-        bar = progress_bar(enabled=self._bars, desc=f"epoch {epoch + 1}/{t.epochs}", total=total, initial=skip,
+        bar = progress_bar(enabled=self._bars, desc=f"epoch {epoch + 1}/{self.epochs}", total=total, initial=skip,
                            leave=True)
         reason = None
         for index, (images, targets) in enumerate(batches, start=skip):
             group_size = min(accum, total - (index - index % accum))  # the epoch's last group may be short
             final_micro = (index + 1) % accum == 0 or index + 1 == total
-            images = self._images_to_device(images)
+            images = images_to_device(images, self.device, self.channels_last)  # uint8 travels; the task normalises
             targets = to_device(targets, self.device)
             no_sync = self.ddp.no_sync() if (self.ddp is not None and not final_micro) else contextlib.nullcontext()
             with no_sync:
-                with self._autocast():
+                with autocast(self.device, t.amp):
                     losses = self.train_model(images, targets)
                 loss = self._losses.add(losses)
                 if group_size > 1:
@@ -274,17 +293,22 @@ class Trainer:
                 bar.update(1)
             if not final_micro:
                 continue
-            self._optimizer_step()
+            optimizer_step(self.optimizer, self.scheduler, scaler=self.scaler, clip=t.clip_grad, params=self._params,
+                           ema=self.ema, model=self.model)
             self.step += 1
             self.batch_in_epoch = index + 1
             if self._max_steps_reached():
                 reason = "max_steps"
             elif self._stop.signum and not self.dist.enabled:
                 reason = "signal"
+            elif self.time_limit is not None and self.time_limit.after_step(self, synced=False):
+                reason = "time_limit"
             if reason or self.step % t.log_every == 0 or index + 1 == total:
                 self._sync_window(bar)
                 if reason is None and self.dist.enabled and self._stop.agreed(self.device):
                     reason = "signal"
+                if reason is None and self.time_limit is not None and self.time_limit.after_step(self, synced=True):
+                    reason = "time_limit"
             if reason or index + 1 >= total:  # a global batch: the batches after the last whole step wait
                 break
         if self._losses.rows:
@@ -295,23 +319,6 @@ class Trainer:
         if self.batch_in_epoch >= total:
             self.epoch, self.batch_in_epoch = epoch + 1, 0
         return reason
-
-    def _optimizer_step(self) -> None:
-        clip = self.train_cfg.clip_grad
-        if self.scaler is not None:
-            if clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self._params, clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            if clip is not None:
-                nn.utils.clip_grad_norm_(self._params, clip)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
 
     def _sync_window(self, bar) -> None:
         """Read the buffered loss terms (one host sync): check they are finite, log averages and img/s."""
@@ -360,6 +367,7 @@ class Trainer:
             record["train/loss"] = sum(means.values())
             record.update({f"train/{name}": value for name, value in means.items()})
         record.update({f"val/{name}": value for name, value in metrics.items()})
+        record.update(self.time_limit.record(self) if self.time_limit is not None else {})
         self.history.append(record)
         if self._runlog is not None:
             self._runlog.log_eval(record)
@@ -387,7 +395,8 @@ class Trainer:
                 scaler=self.scaler, rng=rng, config=config_dict(self.cfg),
                 position={"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
                           "world_size": self.dist.world_size, "steps_per_epoch": self.steps_per_epoch,
-                          "global_batch": self.global_batch},
+                          "global_batch": self.global_batch,
+                          "time_limit": self.time_limit.state() if self.time_limit is not None else None},
                 meta=self._meta(),
                 best={"value": self.best, "metric": self._evaluator_info[0] if self._evaluator_info else None})
             exported = self.ema.module if self.ema is not None else self.model
@@ -408,9 +417,6 @@ class Trainer:
             log.warning("%s", error)
         raise error
 
-    def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
-        return images_to_device(images, self.device, self.channels_last)  # uint8 travels; the task normalises
-
     def _meta(self) -> dict:
         """What a reader of the weights needs without the dataset: the task, the class names, and what the
         task module adds (``extra_meta()``: detection's category ids)."""
@@ -423,9 +429,6 @@ class Trainer:
     @property
     def _bars(self) -> bool:
         return bool(self.train_cfg.progress) and self.is_main
-
-    def _autocast(self):
-        return autocast(self.device, self.train_cfg.amp)
 
 
 def _enable_grad_checkpointing(model: nn.Module) -> None:
