@@ -47,6 +47,17 @@ from tasks.registry import build_model  # noqa: E402
 PARTS = ("data", "assign", "forward", "loss", "backward", "optimizer")
 
 
+def _clock(device: torch.device):
+    """time.perf_counter, after the device's queued work (CUDA runs asynchronously)."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def now() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return now
+
+
 def timed(fn, rounds: int, warmup: int) -> float:
     """Median seconds of ``fn()`` over ``rounds`` calls after ``warmup`` calls."""
     for _ in range(warmup):
@@ -70,10 +81,11 @@ def loader_wait(loader, batches: int) -> float:
 
 
 def profile(preset: str, size: int, data_root: Path, overrides: list[str], rounds: int, warmup: int,
-            ops: int) -> dict:
+            ops: int, device: str = "cpu") -> dict:
     cfg = load(preset, [f"data.root={data_root}", "data.train_split=train", "data.val_split=val",
-                        f"data.image_size={size}", "train.device=cpu", "data.check=off", *overrides])
-    task = build_model(cfg).train()
+                        f"data.image_size={size}", f"train.device={device}", "data.check=off", *overrides])
+    device = torch.device(device)
+    task = build_model(cfg).train().to(device)
     net = task.net
     optimizer = build_optimizer(task, cfg)
     ema = ModelEMA(task, cfg.train.ema_decay, warmup=cfg.train.ema_warmup) if cfg.train.ema else None
@@ -84,38 +96,50 @@ def profile(preset: str, size: int, data_root: Path, overrides: list[str], round
     single = build_loaders(cfg, ["train"])["train"]
     cfg.data.workers = workers
     images, targets = next(iter(single))
+    images = images.to(device)
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    now = _clock(device)
+    amp = cfg.train.amp if device.type == "cuda" else "none"  # the trainer's autocast (CUDA only here)
+
+    def autocast():
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype, enabled=amp != "none")
+
     data_seconds = timed(lambda: next(iter(single)), rounds, 1)
     preset_loader = build_loaders(cfg, ["train"])["train"]
     wait_seconds = loader_wait(preset_loader, min(len(preset_loader), 8))
 
     def step(parts: dict | None = None):
         """One training step as the trainer runs it, each part timed in turn (CPU work is synchronous)."""
-        marks = [time.perf_counter()]
-        x = task.normalize(images)
-        class_maps, box_maps = EfficientDet.forward(net, x)
-        marks.append(time.perf_counter())
-        sizes = [m.shape[-2:] for m in class_maps]
-        anchors = net.anchors(x.shape[-2:], sizes, x.device)
-        assigned = net.targets(targets, anchors, sizes)
-        marks.append(time.perf_counter())
-        losses = net.training_loss(class_maps, box_maps, x.shape[-2:], targets, assigned=assigned)
-        loss = sum(losses.values())
-        marks.append(time.perf_counter())
+        marks = [now()]
+        with autocast():
+            x = task.normalize(images)
+            class_maps, box_maps = EfficientDet.forward(net, x)
+            marks.append(now())
+            sizes = [m.shape[-2:] for m in class_maps]
+            anchors = net.anchors(x.shape[-2:], sizes, x.device)
+            assigned = net.targets(targets, anchors, sizes)
+            marks.append(now())
+            losses = net.training_loss(class_maps, box_maps, x.shape[-2:], targets, assigned=assigned)
+            loss = sum(losses.values())
+        marks.append(now())
         loss.backward()
-        marks.append(time.perf_counter())
+        marks.append(now())
         if clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in task.parameters() if p.requires_grad], clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(task)
-        marks.append(time.perf_counter())
+        marks.append(now())
         if parts is not None:
             for name, a, b in zip(("forward", "assign", "loss", "backward", "optimizer"), marks, marks[1:]):
                 parts.setdefault(name, []).append(b - a)
 
     def whole():  # the task module's own training forward, as the trainer calls it
-        sum(task(images, targets).values()).backward()
+        with autocast():
+            loss = sum(task(images, targets).values())
+        loss.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in task.parameters() if p.requires_grad], clip)
         optimizer.step()
@@ -123,14 +147,17 @@ def profile(preset: str, size: int, data_root: Path, overrides: list[str], round
         if ema is not None:
             ema.update(task)
 
-    for _ in range(warmup):
-        step()
     parts: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        step(parts)
+    if hasattr(net, "training_loss"):  # older checkouts (before issue 22) time the whole step only
+        for _ in range(warmup):
+            step()
+        for _ in range(rounds):
+            step(parts)
+    else:
+        parts = {name: [float("nan")] for name in ("forward", "assign", "loss", "backward", "optimizer")}
     row = {"size": size, "batch": images.shape[0], "data": data_seconds, "loader_wait": wait_seconds,
            **{name: statistics.median(times) for name, times in parts.items()},
-           "step": timed(whole, rounds, 0), "threads": torch.get_num_threads()}
+           "step": timed(lambda: (whole(), now()), rounds, 0 if parts else warmup), "threads": torch.get_num_threads()}
     if ops:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -165,6 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="input sizes (default 128 256)")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per part (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each part")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (make gpu-report; with the preset's "
+                                                        "train.amp there)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--ops", type=int, default=0, help="also print the N operators with most self CPU time")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -181,7 +210,7 @@ def main(argv=None) -> int:
         for size in args.sizes:
             root = write_coco(Path(tmp) / f"shapes{size}", train_images=64, val_images=4, min_size=size,
                               max_size=size + size // 2)
-            row = profile(args.preset, size, root, args.overrides, args.rounds, args.warmup, args.ops)
+            row = profile(args.preset, size, root, args.overrides, args.rounds, args.warmup, args.ops, args.device)
             rows.append(row)
             if "ops" in row:
                 print(f"--- top operators, {size} px (3 whole steps) ---\n{row.pop('ops')}")

@@ -258,7 +258,7 @@ def cmd_configs(args) -> int:
 def cmd_demo(args) -> int:
     from tasks.demo import run_demo
 
-    return run_demo(args.task, args.output, args.set or [], overwrite=args.overwrite)
+    return run_demo(args.task, args.output, args.set or [], overwrite=args.overwrite, preset=args.preset)
 
 
 def _add_slice_args(parser: argparse.ArgumentParser) -> None:
@@ -418,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: the demo config's, runs/demo-<task>, reused each time)")
     p.add_argument("--overwrite", action="store_true", help="replace a run that --output already holds")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the demo config")
+    p.add_argument("--preset", help="train this preset instead (e.g. detection/efficientdet_d0_custom) on the demo's data")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -12,10 +12,19 @@ import time
 from pathlib import Path
 
 
+# What a --preset run takes from the demo preset: its data and a CPU-sized schedule (the rest is the preset's own).
+DEMO_KEYS = ("data.format", "data.root", "data.train_split", "data.val_split", "data.image_size", "data.batch_size",
+             "data.eval_batch_size", "data.workers", "data.pin_memory", "model.num_classes", "train.epochs",
+             "train.eval_every", "train.checkpoint_every", "train.log_every", "train.device", "train.amp",
+             "train.channels_last", "model.sync_bn", "data.global_batch_size", "train.batch_size")
+
+
 def run_demo(task: str = "classification", output: str | None = None, overrides: list[str] = (),
-             overwrite: bool = False) -> int:
+             overwrite: bool = False, preset: str | None = None) -> int:
     """Train and evaluate ``task``'s demo. Its default run directory (the preset's) is the demo's own and is
-    reused each time; an ``output`` directory that holds a run is refused unless ``overwrite``, as train does."""
+    reused each time; an ``output`` directory that holds a run is refused unless ``overwrite``, as train does.
+    ``preset``: train that preset instead, on the demo's data with the demo's schedule (:data:`DEMO_KEYS`), in
+    ``runs/demo-<task>-<preset name>``."""
     import sys
 
     from tasks import registry
@@ -25,6 +34,8 @@ def run_demo(task: str = "classification", output: str | None = None, overrides:
 
     row = registry.get(task)
     cfg = load(row.demo_preset, [*row.demo_overrides(list(overrides)), *overrides])
+    if preset is not None:
+        cfg = _on_demo_data(cfg, preset, overrides)
     data_format = FORMATS[cfg.data.format]
     root = data_format.synth(cfg.data.root, **data_format.demo_options(cfg))
     print(f"synthetic dataset: {root}")
@@ -56,3 +67,24 @@ def run_demo(task: str = "classification", output: str | None = None, overrides:
           f"tensorboard --logdir {trainer.run_dir})")
     print(json.dumps(metrics))
     return 0
+
+
+def _on_demo_data(demo, preset: str, overrides) -> object:
+    """``preset`` (name or path) with the demo config's data and CPU schedule (:data:`DEMO_KEYS`), then ``overrides``."""
+    from tasks.config import load, to_dict
+    from tasks.config.loader import ConfigError
+
+    values = to_dict(demo)
+
+    def value(key: str):
+        node = values
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    task = load(preset).model.task
+    if task != demo.model.task:
+        raise ConfigError(f"--preset {preset} is a {task} preset; the {demo.model.task} demo trains a {demo.model.task} "
+                         f"preset (`effdense configs list` names them)")
+    settings = [f"{key}={json.dumps(value(key))}" for key in DEMO_KEYS]
+    return load(preset, [*settings, f"train.run_name={demo.train.run_name}-{Path(str(preset)).stem}", *overrides])

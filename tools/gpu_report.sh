@@ -39,7 +39,11 @@ for section in "${sections[@]}"; do
     bench)
         for script in bench_backbones bench_train bench_segmentation bench_detection bench_inference; do
             run bench "$PY" "tools/$script.py"
-        done ;;
+        done
+        # issue 22: D0's training step by part, at 128 and 256 px, on the GPU (bf16 as the presets train)
+        run bench "$PY" bench/profile_detector_step.py --device cuda --sizes 128 256 --rounds 10
+        run bench "$PY" bench/profile_detector_step.py --device cuda --sizes 256 512 --rounds 10 \
+            --set train.amp=bf16 --preset configs/detection/efficientdet_d0_custom.yaml ;;
     budget)
         run budget "$PY" -m tasks.cli budget configs/classification/efficientnet_b0_imagenet.yaml \
             --output "$OUT/budget-classification"
