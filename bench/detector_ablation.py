@@ -1,4 +1,4 @@
-"""Each option of the small-data detection recipe switched off in turn (and all of them off), several seeds.
+"""Each option of the small-data detection recipe switched off in turn from all of them on (and all off), several seeds.
 
     python bench/detector_ablation.py                                   # 128 px, seeds 0 1 2, 2 min a run
     python bench/detector_ablation.py --sizes 256 --minutes 4 --only full no_mosaic
@@ -6,9 +6,11 @@
 
 Every run is ``bench/detector_vs_ultralytics.py --sides effdense`` (the same shapes data, the same time budget
 through ``train.time_limit``, pycocotools on the same validation images) with the preset
-(``configs/detection/efficientdet_d0_custom.yaml`` by default, plus ``--set``) and one variant's overrides:
+(``configs/detection/efficientdet_d0_custom.yaml`` by default, plus ``--set``) and one variant's overrides.
+Every variant but the last three starts from the whole recipe on (``RECIPE_ON``: mosaic 1.0 closed for the last 3
+epochs, HSV 0.015 / 0.7 / 0.4, zoom/shift 0.5 / 0.1, ATSS, GIoU, EMA), whatever the preset sets:
 
-- ``full``: the preset as it is;
+- ``full``: the whole recipe on;
 - ``no_mosaic``: ``data.augment.mosaic=0`` (single images, with the zoom/shift and HSV still on);
 - ``no_colour_affine``: HSV gains and the random zoom/shift off;
 - ``iou_assigner``: effdet's IoU >= 0.5 matching instead of ATSS;
@@ -16,7 +18,9 @@ through ``train.time_limit``, pycocotools on the same validation images) with th
 - ``no_ema``: evaluate the trained weights instead of their EMA;
 - ``mixup``: mixup 0.15 added (off in the preset);
 - ``recipe_off``: all of the above off (the demo's augmentation: scale jitter 0.5-1.5, crop, flip; IoU, Huber,
-  no EMA).
+  no EMA);
+- ``atss_giou_only``: ``recipe_off`` with ATSS and GIoU kept;
+- ``atss_giou_ema``: ``atss_giou_only`` with the EMA kept.
 
 Prints per variant the mean and standard deviation over the seeds of mAP50 and mAP and the steps trained,
 and writes ablation.json / ablation.md in a fresh folder under --output.
@@ -36,16 +40,24 @@ RECIPE_OFF = ["data.augment.mosaic=0", "data.augment.mixup=0", "data.augment.hsv
               "data.augment.hsv_v=0", "data.augment.translate=0", "data.augment.affine_scale=0",
               "data.augment.scale_min=0.5", "data.augment.scale_max=1.5", "model.detection.assigner=iou",
               "loss.box_loss=huber", "train.ema=false"]
+RECIPE_ON = ["data.augment.mosaic=1.0", "data.augment.mixup=0", "data.augment.close_mosaic=3",
+             "data.augment.hsv_h=0.015", "data.augment.hsv_s=0.7", "data.augment.hsv_v=0.4",
+             "data.augment.translate=0.1", "data.augment.affine_scale=0.5", "data.augment.scale_min=1.0",
+             "data.augment.scale_max=1.0", "model.detection.assigner=atss", "loss.box_loss=giou", "train.ema=true"]
 VARIANTS = {
-    "full": [],
-    "no_mosaic": ["data.augment.mosaic=0"],
-    "no_colour_affine": ["data.augment.hsv_h=0", "data.augment.hsv_s=0", "data.augment.hsv_v=0",
+    "full": RECIPE_ON,
+    "no_mosaic": [*RECIPE_ON, "data.augment.mosaic=0"],
+    "no_colour_affine": [*RECIPE_ON, "data.augment.hsv_h=0", "data.augment.hsv_s=0", "data.augment.hsv_v=0",
                          "data.augment.translate=0", "data.augment.affine_scale=0"],
-    "iou_assigner": ["model.detection.assigner=iou"],
-    "huber": ["loss.box_loss=huber"],
-    "no_ema": ["train.ema=false"],
-    "mixup": ["data.augment.mixup=0.15"],
+    "iou_assigner": [*RECIPE_ON, "model.detection.assigner=iou"],
+    "huber": [*RECIPE_ON, "loss.box_loss=huber"],
+    "no_ema": [*RECIPE_ON, "train.ema=false"],
+    "mixup": [*RECIPE_ON, "data.augment.mixup=0.15"],
     "recipe_off": RECIPE_OFF,
+    # the augmentation and EMA off, ATSS and GIoU kept; the same with EMA (the preset)
+    "atss_giou_only": [item for item in RECIPE_OFF if not item.startswith(("model.detection.assigner", "loss.box_loss"))],
+    "atss_giou_ema": [item for item in RECIPE_OFF
+                      if not item.startswith(("model.detection.assigner", "loss.box_loss", "train.ema"))],
 }
 
 

@@ -20,9 +20,10 @@ PRESET = "configs/detection/efficientdet_d0_custom.yaml"
 def test_the_custom_preset_switches_the_recipe_on():
     cfg = load(PRESET)
     augment = cfg.data.augment
-    assert augment.mosaic == 1.0 and augment.close_mosaic > 0
-    assert (augment.hsv_h, augment.hsv_s, augment.hsv_v) == (0.015, 0.7, 0.4)  # ultralytics' gains
-    assert (augment.translate, augment.affine_scale) == (0.1, 0.5)
+    # the ablation's choice (issue 22's note): ATSS + GIoU + EMA on the demo's zoom / crop / flip; mosaic, mixup,
+    # HSV and the zoom/shift affine cost mAP50 at minute budgets and stay options, off
+    assert (augment.mosaic, augment.mixup, augment.hsv_h, augment.hsv_s, augment.hsv_v) == (0, 0, 0, 0, 0)
+    assert (augment.translate, augment.affine_scale, augment.scale_min, augment.scale_max) == (0, 0, 0.5, 1.5)
     assert cfg.model.detection.assigner == "atss" and cfg.loss.box_loss == "giou"
     assert cfg.train.ema and cfg.data.persistent_workers and cfg.optim.name == "adamw"
     # the COCO presets keep effdet's recipe: the options are off there
@@ -35,13 +36,13 @@ def test_demo_detection_trains_the_custom_preset_on_the_demo_data(tmp_path, caps
     run = tmp_path / "run"
     code = main(["demo", "detection", "--preset", "detection/efficientdet_d0_custom", "--output", str(run),
                  "--set", "train.max_steps=2", "--set", "train.progress=false", "--set", "data.workers=0",
-                 "--set", "data.persistent_workers=false", "--set", "data.image_size=64"])
+                 "--set", "data.persistent_workers=false", "--set", "data.image_size=128"])
     assert code == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"mAP", "mAP50"} <= set(metrics)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["root"] == "runs/demo-data/detection" and saved["model"]["num_classes"] == 3
-    assert saved["data"]["augment"]["mosaic"] == 1.0 and saved["model"]["detection"]["assigner"] == "atss"
+    assert saved["model"]["detection"]["assigner"] == "atss" and saved["loss"]["box_loss"] == "giou"
 
 
 def test_demo_refuses_another_tasks_preset(tmp_path, monkeypatch, capsys):

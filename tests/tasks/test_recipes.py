@@ -25,7 +25,7 @@ from tests.tasks.toy_task import ToyTask, make_config, make_loaders, trained_sta
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REFERENCE = Path("/work/shared/reference")
-DETECTION_PRESETS = [name for name in list_presets() if name.startswith("detection/")]
+DETECTION_PRESETS = [name for name in list_presets() if name.startswith("detection/") and name.endswith("_coco")]
 
 
 def preset(name: str, *overrides: str):
@@ -371,11 +371,15 @@ def test_every_preset_header_names_a_target_number_and_a_command_that_scores_it(
 def test_every_published_preset_states_its_global_batch(name):
     cfg = preset(name)
     expected = {"classification": 4096, "detection": 128, "segmentation": 8}[name.split("/")[0]]
+    if name.endswith("_custom"):  # a user's small data: the batch issue 22's benchmark measured, on any world size
+        expected = 16
     assert cfg.data.global_batch_size == expected and cfg.train.grad_accum == 1
     if cfg.train.ema:
         assert cfg.train.ema_reference_batch == expected
     if name.startswith("detection/"):
-        assert cfg.optim.no_decay_norm_and_bias and cfg.model.detection.nms == "soft"
+        assert cfg.optim.no_decay_norm_and_bias
+    if name in DETECTION_PRESETS:  # COCO: scored with the official soft-NMS; a user's data with hard NMS
+        assert cfg.model.detection.nms == "soft"
     assert not math.isnan(scaled_lr(cfg))
 
 
