@@ -551,7 +551,7 @@ def medians(results: list[dict]) -> dict:
 def markdown(header: dict, results: list[dict], sides: list[str], args) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in header["versions"].items())
     budget_modes = sorted({r["budget_mode"] for r in results if r.get("side") == "effdense" and "budget_mode" in r})
-    lines = ["# effdense vs ultralytics YOLOv8n (from scratch, same wall-clock budget)", "",
+    lines = ["# effdense vs ultralytics YOLOv8n (same wall-clock budget; YOLOv8n from its yaml)", "",
              f"- command: `{' '.join(header['command'])}`",
              f"- effdense preset: `{header['preset']}`" + (f", overrides {args.overrides}" if args.overrides else ""),
              (f"- budget {args.minutes:g} min per run, {args.threads} torch thread(s), batch {args.batch}, "
