@@ -17,7 +17,7 @@ from tasks.config import load
 PRESET = "configs/detection/efficientdet_d0_custom.yaml"
 
 
-def test_the_custom_preset_switches_the_recipe_on():
+def test_the_custom_preset_carries_the_ablations_choice():
     cfg = load(PRESET)
     augment = cfg.data.augment
     # the ablation's choice (issue 22's note): ATSS + GIoU + EMA on the demo's zoom / crop / flip; mosaic, mixup,
